@@ -1,0 +1,469 @@
+//! The local bus: the whole two-VM arrangement on one Linux machine.
+//!
+//! A "VM" is a process. Messages travel over a Unix `SOCK_SEQPACKET` socket
+//! (message boundaries and a bounded size, like a hypervisor message queue).
+//! Shared areas are sealed memfds passed with `SCM_RIGHTS`; doorbells are
+//! eventfds. Bus-specific messages (ids 0x80 and up) carry the handshake and
+//! the area and doorbell operations; see [`wire`].
+
+mod sys;
+pub mod wire;
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ringfence_bus::{
+    AreaId, BusError, BusLimits, DeviceBus, DeviceBusEvent, Doorbell, DoorbellDirection,
+    DriverBus, LocalArea, SharedArea,
+};
+use ringfence_virtio_msg::consts::{ABSOLUTE_MAX_MSG_SIZE, MIN_USABLE_MSG_SIZE};
+use ringfence_virtio_msg::{Body, Message};
+use vm_memory::{FileOffset, MmapRegion};
+
+pub use sys::{poll_readable, EventFdDoorbell, Listener, Seqpacket};
+use wire::{LocalMsg, WireError};
+
+/// How a local bus endpoint is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalBusConfig {
+    /// Largest message this side accepts (the two sides use the smaller).
+    pub max_msg_size: usize,
+    /// Use eventfd doorbells (otherwise EVENT_AVAIL/EVENT_USED travel in-band).
+    pub doorbells: bool,
+    /// Largest area the device side accepts.
+    pub max_area_size: u64,
+    /// Most areas the device side keeps at once.
+    pub max_areas: usize,
+}
+
+impl Default for LocalBusConfig {
+    fn default() -> Self {
+        Self {
+            max_msg_size: ringfence_virtio_msg::consts::RECOMMENDED_MAX_MSG_SIZE,
+            doorbells: true,
+            max_area_size: 1 << 30,
+            max_areas: 64,
+        }
+    }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn limits(max_msg_size: usize, doorbells: bool) -> BusLimits {
+    BusLimits {
+        max_msg_size,
+        doorbells,
+        polling: true,
+        can_grant: true,
+        can_copy: false,
+    }
+}
+
+fn check_config(cfg: &LocalBusConfig) -> Result<(), BusError> {
+    if !(MIN_USABLE_MSG_SIZE..=ABSOLUTE_MAX_MSG_SIZE).contains(&cfg.max_msg_size) {
+        return Err(BusError::Protocol {
+            reason: format!(
+                "max_msg_size {} outside {MIN_USABLE_MSG_SIZE}..={ABSOLUTE_MAX_MSG_SIZE}",
+                cfg.max_msg_size
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn encode_local(msg: &LocalMsg, buf: &mut [u8]) -> Result<usize, BusError> {
+    let mut payload = [0u8; wire::MAX_PAYLOAD];
+    let (id, response, n) = msg.encode(&mut payload);
+    Message {
+        dev_num: 0,
+        token: 0,
+        body: Body::BusSpecific {
+            msg_id: id,
+            response,
+            payload: payload.get(..n).unwrap_or(&[]),
+        },
+    }
+    .encode(buf)
+    .map_err(|e| BusError::Protocol {
+        reason: e.to_string(),
+    })
+}
+
+/// The device side of a local bus connection.
+pub struct LocalDeviceBus {
+    sock: Seqpacket,
+    cfg: LocalBusConfig,
+    negotiated: Mutex<BusLimits>,
+    area_count: Mutex<Vec<AreaId>>,
+}
+
+impl LocalDeviceBus {
+    /// Wraps an accepted connection; the driver's handshake is processed by `recv`.
+    pub fn new(sock: Seqpacket, cfg: LocalBusConfig) -> Result<Self, BusError> {
+        check_config(&cfg)?;
+        Ok(Self {
+            sock,
+            cfg,
+            negotiated: Mutex::new(limits(cfg.max_msg_size, cfg.doorbells)),
+            area_count: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn reply(&self, msg: &LocalMsg) -> Result<(), BusError> {
+        let mut buf = [0u8; 64];
+        let n = encode_local(msg, &mut buf)?;
+        self.sock.send(buf.get(..n).unwrap_or(&[]), &[])
+    }
+
+    fn map_area(&self, id: AreaId, size: u64, file: File) -> Result<SharedArea, String> {
+        if id == 0 {
+            return Err("area id 0 is reserved".into());
+        }
+        if size == 0 || size > self.cfg.max_area_size || size % 4096 != 0 {
+            return Err(format!("area size {size} not a page multiple in 4 KiB..={}", self.cfg.max_area_size));
+        }
+        let mut areas = self.area_count.lock().unwrap_or_else(|p| p.into_inner());
+        if areas.contains(&id) {
+            return Err(format!("area {id} is already shared"));
+        }
+        if areas.len() >= self.cfg.max_areas {
+            return Err(format!("more than {} areas", self.cfg.max_areas));
+        }
+        sys::check_sealed_memfd(&file, size)?;
+        let mapping = MmapRegion::from_file(FileOffset::new(file, 0), size as usize)
+            .map_err(|e| format!("mmap of area {id} failed: {e}"))?;
+        areas.push(id);
+        Ok(SharedArea {
+            id,
+            mapping: Arc::new(mapping),
+        })
+    }
+
+    fn handle_local(&self, msg: LocalMsg, files: Vec<File>) -> Result<DeviceBusEvent, BusError> {
+        let mut files = files.into_iter();
+        Ok(match msg {
+            LocalMsg::Version {
+                revision,
+                max_msg_size,
+                features,
+            } => {
+                let max = (max_msg_size as usize).min(self.cfg.max_msg_size);
+                let doorbells = self.cfg.doorbells && features & wire::FEATURE_DOORBELLS != 0;
+                if revision != ringfence_virtio_msg::consts::TRANSPORT_REVISION
+                    || max < MIN_USABLE_MSG_SIZE
+                {
+                    return Ok(DeviceBusEvent::Dropped {
+                        reason: format!("unusable VERSION: revision {revision}, max {max_msg_size}"),
+                    });
+                }
+                *self.negotiated.lock().unwrap_or_else(|p| p.into_inner()) = limits(max, doorbells);
+                self.reply(&LocalMsg::VersionResult {
+                    revision: ringfence_virtio_msg::consts::TRANSPORT_REVISION,
+                    max_msg_size: max as u32,
+                    features: if doorbells { wire::FEATURE_DOORBELLS } else { 0 },
+                })?;
+                tracing::info!(max_msg_size = max, doorbells, "bus handshake");
+                DeviceBusEvent::Handled
+            }
+            LocalMsg::AreaShare { id, size } => {
+                let Some(file) = files.next() else {
+                    self.reply(&LocalMsg::AreaResult { id, status: wire::STATUS_REJECTED })?;
+                    return Ok(DeviceBusEvent::Dropped {
+                        reason: format!("AREA_SHARE {id} without a descriptor"),
+                    });
+                };
+                match self.map_area(id, size, file) {
+                    Ok(area) => {
+                        self.reply(&LocalMsg::AreaResult { id, status: wire::STATUS_OK })?;
+                        tracing::info!(area = id, size, "area shared");
+                        DeviceBusEvent::AreaShared(area)
+                    }
+                    Err(reason) => {
+                        self.reply(&LocalMsg::AreaResult { id, status: wire::STATUS_REJECTED })?;
+                        DeviceBusEvent::Dropped { reason }
+                    }
+                }
+            }
+            LocalMsg::AreaUnshare { id } => {
+                let mut areas = self.area_count.lock().unwrap_or_else(|p| p.into_inner());
+                let known = areas.iter().position(|&a| a == id);
+                if let Some(i) = known {
+                    areas.swap_remove(i);
+                }
+                drop(areas);
+                self.reply(&LocalMsg::AreaResult {
+                    id,
+                    status: if known.is_some() { wire::STATUS_OK } else { wire::STATUS_REJECTED },
+                })?;
+                match known {
+                    Some(_) => DeviceBusEvent::AreaUnshared(id),
+                    None => DeviceBusEvent::Dropped {
+                        reason: format!("AREA_UNSHARE of unknown area {id}"),
+                    },
+                }
+            }
+            LocalMsg::DoorbellAttach {
+                dev_num,
+                queue,
+                direction,
+            } => {
+                let Some(file) = files.next() else {
+                    return Ok(DeviceBusEvent::Dropped {
+                        reason: "DOORBELL_ATTACH without a descriptor".into(),
+                    });
+                };
+                match EventFdDoorbell::from_peer(file) {
+                    Ok(db) => DeviceBusEvent::DoorbellAttached {
+                        dev_num,
+                        queue,
+                        direction,
+                        doorbell: Arc::new(db),
+                    },
+                    Err(reason) => DeviceBusEvent::Dropped { reason },
+                }
+            }
+            other => DeviceBusEvent::Dropped {
+                reason: format!("unexpected bus message {other:?} on the device side"),
+            },
+        })
+    }
+}
+
+impl DeviceBus for LocalDeviceBus {
+    fn limits(&self) -> BusLimits {
+        *self.negotiated.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&self, msg: &[u8]) -> Result<(), BusError> {
+        let max = self.limits().max_msg_size;
+        if msg.len() > max {
+            return Err(BusError::TooLarge { len: msg.len(), max });
+        }
+        self.sock.send(msg, &[])
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> Result<DeviceBusEvent, BusError> {
+        let max = self.limits().max_msg_size.min(buf.len());
+        let buf = buf.get_mut(..max).unwrap_or_default();
+        let (n, files) = self.sock.recv(buf)?;
+        if n > max {
+            return Ok(DeviceBusEvent::Dropped {
+                reason: format!("message larger than the bus maximum of {max} bytes"),
+            });
+        }
+        let bytes = buf.get(..n).unwrap_or(&[]);
+        match wire::classify(bytes) {
+            Ok(Some(local)) => self.handle_local(local, files),
+            // A transport or standard bus message: descriptors never ride along.
+            Ok(None) if files.is_empty() => Ok(DeviceBusEvent::Message(n)),
+            Ok(None) => Ok(DeviceBusEvent::Dropped {
+                reason: "descriptor attached to a transport message".into(),
+            }),
+            Err(WireError(reason)) => Ok(DeviceBusEvent::Dropped { reason }),
+        }
+    }
+}
+
+/// The driver side of a local bus connection.
+pub struct LocalDriverBus {
+    sock: Seqpacket,
+    limits: BusLimits,
+    next_area: AtomicU16,
+    // Messages that arrived while waiting for a bus-specific response.
+    stash: Mutex<VecDeque<Vec<u8>>>,
+    control: Mutex<()>,
+}
+
+impl LocalDriverBus {
+    /// Connects to a device side listening at `path` and performs the handshake.
+    pub fn connect(path: &Path, cfg: LocalBusConfig) -> Result<Self, BusError> {
+        let sock = Seqpacket::connect(path).map_err(|e| BusError::io("connect", e))?;
+        Self::handshake(sock, cfg)
+    }
+
+    /// Performs the handshake over an already connected socket.
+    pub fn handshake(sock: Seqpacket, cfg: LocalBusConfig) -> Result<Self, BusError> {
+        check_config(&cfg)?;
+        let bus = Self {
+            sock,
+            limits: limits(cfg.max_msg_size, cfg.doorbells),
+            next_area: AtomicU16::new(1),
+            stash: Mutex::new(VecDeque::new()),
+            control: Mutex::new(()),
+        };
+        let reply = bus.control(
+            &LocalMsg::Version {
+                revision: ringfence_virtio_msg::consts::TRANSPORT_REVISION,
+                max_msg_size: cfg.max_msg_size as u32,
+                features: if cfg.doorbells { wire::FEATURE_DOORBELLS } else { 0 },
+            },
+            None,
+        )?;
+        let LocalMsg::VersionResult {
+            max_msg_size,
+            features,
+            ..
+        } = reply
+        else {
+            return Err(BusError::Protocol {
+                reason: format!("expected VERSION response, got {reply:?}"),
+            });
+        };
+        let max = max_msg_size as usize;
+        if !(MIN_USABLE_MSG_SIZE..=cfg.max_msg_size).contains(&max) {
+            return Err(BusError::Protocol {
+                reason: format!("device side offered max message size {max}"),
+            });
+        }
+        Ok(Self {
+            limits: limits(max, features & wire::FEATURE_DOORBELLS != 0),
+            ..bus
+        })
+    }
+
+    /// Sends a bus-specific request and waits for its response, stashing
+    /// anything else that arrives meanwhile.
+    fn control(&self, msg: &LocalMsg, fd: Option<&dyn AsRawFd>) -> Result<LocalMsg, BusError> {
+        let _serialise = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buf = vec![0u8; ABSOLUTE_MAX_MSG_SIZE.min(self.limits.max_msg_size.max(64))];
+        let n = encode_local(msg, &mut buf)?;
+        let fds: Vec<_> = fd.iter().map(|f| f.as_raw_fd()).collect();
+        self.sock.send(buf.get(..n).unwrap_or(&[]), &fds)?;
+        if msg.is_event() {
+            return Ok(LocalMsg::None);
+        }
+        loop {
+            if !self.sock.wait_readable(Some(HANDSHAKE_TIMEOUT))? {
+                return Err(BusError::Timeout(HANDSHAKE_TIMEOUT));
+            }
+            let (n, _files) = self.sock.recv(&mut buf)?;
+            let bytes = buf.get(..n.min(buf.len())).unwrap_or(&[]);
+            match wire::classify(bytes) {
+                Ok(Some(reply)) if reply.answers(msg) => return Ok(reply),
+                Ok(Some(other)) => {
+                    tracing::warn!(?other, "unexpected bus message from the device side");
+                }
+                _ => self
+                    .stash
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back(bytes.to_vec()),
+            }
+        }
+    }
+}
+
+impl DriverBus for LocalDriverBus {
+    fn limits(&self) -> BusLimits {
+        self.limits
+    }
+
+    fn send(&self, msg: &[u8]) -> Result<(), BusError> {
+        if msg.len() > self.limits.max_msg_size {
+            return Err(BusError::TooLarge {
+                len: msg.len(),
+                max: self.limits.max_msg_size,
+            });
+        }
+        self.sock.send(msg, &[])
+    }
+
+    fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> Result<Option<usize>, BusError> {
+        if let Some(m) = self.stash.lock().unwrap_or_else(|p| p.into_inner()).pop_front() {
+            let n = m.len().min(buf.len());
+            if let (Some(dst), Some(src)) = (buf.get_mut(..n), m.get(..n)) {
+                dst.copy_from_slice(src);
+            }
+            return Ok(Some(n));
+        }
+        if !self.sock.wait_readable(timeout)? {
+            return Ok(None);
+        }
+        let (n, _files) = self.sock.recv(buf)?;
+        Ok(Some(n.min(buf.len())))
+    }
+
+    fn share_area(&self, size: usize) -> Result<LocalArea, BusError> {
+        let id = self.next_area.fetch_add(1, Ordering::Relaxed);
+        let file = sys::sealed_memfd(&format!("ringfence-area-{id}"), size)
+            .map_err(|e| BusError::io("memfd_create", e))?;
+        let reply = self.control(
+            &LocalMsg::AreaShare {
+                id,
+                size: size as u64,
+            },
+            Some(&file),
+        )?;
+        if reply
+            != (LocalMsg::AreaResult {
+                id,
+                status: wire::STATUS_OK,
+            })
+        {
+            return Err(BusError::Protocol {
+                reason: format!("device side refused area {id}: {reply:?}"),
+            });
+        }
+        let mapping = MmapRegion::from_file(FileOffset::new(file, 0), size).map_err(|e| {
+            BusError::Protocol {
+                reason: format!("mmap of own area failed: {e}"),
+            }
+        })?;
+        Ok(LocalArea {
+            id,
+            mapping: Arc::new(mapping),
+        })
+    }
+
+    fn unshare_area(&self, id: AreaId) -> Result<(), BusError> {
+        match self.control(&LocalMsg::AreaUnshare { id }, None)? {
+            LocalMsg::AreaResult {
+                status: wire::STATUS_OK,
+                ..
+            } => Ok(()),
+            other => Err(BusError::Protocol {
+                reason: format!("unshare of area {id} refused: {other:?}"),
+            }),
+        }
+    }
+
+    fn doorbell(
+        &self,
+        dev_num: u16,
+        queue: u16,
+        direction: DoorbellDirection,
+    ) -> Result<Option<Arc<dyn Doorbell>>, BusError> {
+        if !self.limits.doorbells {
+            return Ok(None);
+        }
+        let db = EventFdDoorbell::new().map_err(|e| BusError::io("eventfd", e))?;
+        struct Fd(i32);
+        impl AsRawFd for Fd {
+            fn as_raw_fd(&self) -> i32 {
+                self.0
+            }
+        }
+        self.control(
+            &LocalMsg::DoorbellAttach {
+                dev_num,
+                queue,
+                direction,
+            },
+            Some(&Fd(db.raw_fd())),
+        )?;
+        Ok(Some(Arc::new(db)))
+    }
+}
+
+/// Creates both ends of a local bus in one process (tests, benchmarks).
+pub fn pair(cfg: LocalBusConfig) -> Result<(LocalDeviceBus, std::thread::JoinHandle<Result<LocalDriverBus, BusError>>), BusError> {
+    let (a, b) = Seqpacket::pair().map_err(|e| BusError::io("socketpair", e))?;
+    let dev = LocalDeviceBus::new(a, cfg)?;
+    let drv = std::thread::spawn(move || LocalDriverBus::handshake(b, cfg));
+    Ok((dev, drv))
+}

@@ -1,0 +1,263 @@
+//! The local bus's own messages (bus-specific ids, 0x80 and up), modelled on
+//! the FF-A binding's VERSION / AREA_SHARE / AREA_UNSHARE.
+//!
+//! | id | name | payload (little-endian) | descriptor |
+//! |---|---|---|---|
+//! | 0x80 | VERSION | le32 revision, le32 max_msg_size, le32 features (bit 0: doorbells) | — |
+//! | 0x81 | AREA_SHARE | le16 area_id, le16 reserved, le32 reserved, le64 size | sealed memfd |
+//! | 0x82 | AREA_UNSHARE | le16 area_id, le16 reserved | — |
+//! | 0xC1 | DOORBELL_ATTACH (event) | le16 dev_num, le16 queue, le32 direction (0 to device, 1 to driver) | eventfd |
+//!
+//! Responses to AREA_SHARE / AREA_UNSHARE: le16 area_id, le16 reserved, le32 status (0 ok).
+
+use ringfence_bus::{AreaId, DoorbellDirection};
+use ringfence_virtio_msg::{decode, Body};
+
+/// VERSION
+pub const VERSION: u8 = 0x80;
+/// AREA_SHARE
+pub const AREA_SHARE: u8 = 0x81;
+/// AREA_UNSHARE
+pub const AREA_UNSHARE: u8 = 0x82;
+/// DOORBELL_ATTACH (event)
+pub const DOORBELL_ATTACH: u8 = 0xC1;
+/// VERSION feature bit: eventfd doorbells.
+pub const FEATURE_DOORBELLS: u32 = 1;
+/// Area operation succeeded.
+pub const STATUS_OK: u32 = 0;
+/// Area operation refused.
+pub const STATUS_REJECTED: u32 = 1;
+/// Largest local payload.
+pub const MAX_PAYLOAD: usize = 16;
+
+/// A decoded local-bus message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalMsg {
+    /// Handshake request.
+    Version {
+        /// Transport revision.
+        revision: u32,
+        /// Largest message the sender accepts.
+        max_msg_size: u32,
+        /// Feature bits.
+        features: u32,
+    },
+    /// Handshake response.
+    VersionResult {
+        /// Transport revision.
+        revision: u32,
+        /// Negotiated maximum message size.
+        max_msg_size: u32,
+        /// Negotiated feature bits.
+        features: u32,
+    },
+    /// Share an area (memfd attached).
+    AreaShare {
+        /// Its id.
+        id: AreaId,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// Revoke an area.
+    AreaUnshare {
+        /// Its id.
+        id: AreaId,
+    },
+    /// Answer to AREA_SHARE / AREA_UNSHARE.
+    AreaResult {
+        /// The area.
+        id: AreaId,
+        /// STATUS_OK or STATUS_REJECTED.
+        status: u32,
+    },
+    /// Attach a doorbell (eventfd attached).
+    DoorbellAttach {
+        /// Device number.
+        dev_num: u16,
+        /// Queue index.
+        queue: u16,
+        /// Direction.
+        direction: DoorbellDirection,
+    },
+    /// Placeholder for "no response" (events).
+    None,
+}
+
+/// A malformed local-bus message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError(pub String);
+
+fn le16(p: &[u8], at: usize) -> u16 {
+    p.get(at..at + 2)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u16::from_le_bytes)
+}
+fn le32(p: &[u8], at: usize) -> u32 {
+    p.get(at..at + 4)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
+}
+fn le64(p: &[u8], at: usize) -> u64 {
+    p.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+impl LocalMsg {
+    /// Encodes the payload; returns (msg_id, response bit, payload length).
+    pub fn encode(&self, out: &mut [u8; MAX_PAYLOAD]) -> (u8, bool, usize) {
+        let mut put = |at: usize, b: &[u8]| {
+            if let Some(d) = out.get_mut(at..at + b.len()) {
+                d.copy_from_slice(b);
+            }
+        };
+        match *self {
+            LocalMsg::Version {
+                revision,
+                max_msg_size,
+                features,
+            }
+            | LocalMsg::VersionResult {
+                revision,
+                max_msg_size,
+                features,
+            } => {
+                put(0, &revision.to_le_bytes());
+                put(4, &max_msg_size.to_le_bytes());
+                put(8, &features.to_le_bytes());
+                (VERSION, matches!(self, LocalMsg::VersionResult { .. }), 12)
+            }
+            LocalMsg::AreaShare { id, size } => {
+                put(0, &id.to_le_bytes());
+                put(8, &size.to_le_bytes());
+                (AREA_SHARE, false, 16)
+            }
+            LocalMsg::AreaUnshare { id } => {
+                put(0, &id.to_le_bytes());
+                (AREA_UNSHARE, false, 4)
+            }
+            LocalMsg::AreaResult { id, status } => {
+                put(0, &id.to_le_bytes());
+                put(4, &status.to_le_bytes());
+                // The id of the request it answers is not known here; AREA_SHARE
+                // and AREA_UNSHARE answers share one layout, so use AREA_SHARE's
+                // id only for share results (see `answers`).
+                (AREA_SHARE, true, 8)
+            }
+            LocalMsg::DoorbellAttach {
+                dev_num,
+                queue,
+                direction,
+            } => {
+                put(0, &dev_num.to_le_bytes());
+                put(2, &queue.to_le_bytes());
+                let d: u32 = match direction {
+                    DoorbellDirection::ToDevice => 0,
+                    DoorbellDirection::ToDriver => 1,
+                };
+                put(4, &d.to_le_bytes());
+                (DOORBELL_ATTACH, false, 8)
+            }
+            LocalMsg::None => (0, false, 0),
+        }
+    }
+
+    /// True for messages that get no response.
+    pub fn is_event(&self) -> bool {
+        matches!(self, LocalMsg::DoorbellAttach { .. })
+    }
+
+    /// True if `self` is the response to `request`.
+    pub fn answers(&self, request: &LocalMsg) -> bool {
+        match (self, request) {
+            (LocalMsg::VersionResult { .. }, LocalMsg::Version { .. }) => true,
+            (LocalMsg::AreaResult { id, .. }, LocalMsg::AreaShare { id: rid, .. })
+            | (LocalMsg::AreaResult { id, .. }, LocalMsg::AreaUnshare { id: rid }) => id == rid,
+            _ => false,
+        }
+    }
+}
+
+/// Decodes `bytes` if it is a local-bus message; `Ok(None)` for any other
+/// well-formed-looking message (left to the transport's own decoder).
+pub fn classify(bytes: &[u8]) -> Result<Option<LocalMsg>, WireError> {
+    // Only bus messages with a bus-specific id are ours; peek at the type and id.
+    let (Some(&ty), Some(&id)) = (bytes.first(), bytes.get(1)) else {
+        return Ok(None);
+    };
+    if ty & ringfence_virtio_msg::consts::TYPE_BUS == 0
+        || id < ringfence_virtio_msg::consts::bus::SPECIFIC_FIRST
+    {
+        return Ok(None);
+    }
+    let msg = decode(bytes).map_err(|e| WireError(e.to_string()))?;
+    let Body::BusSpecific {
+        msg_id,
+        response,
+        payload: p,
+    } = msg.body
+    else {
+        return Ok(None);
+    };
+    let need = |n: usize| {
+        if p.len() == n {
+            Ok(())
+        } else {
+            Err(WireError(format!(
+                "bus message {msg_id:#04x}: payload {} bytes, expected {n}",
+                p.len()
+            )))
+        }
+    };
+    Ok(Some(match (msg_id, response) {
+        (VERSION, r) => {
+            need(12)?;
+            let (revision, max_msg_size, features) = (le32(p, 0), le32(p, 4), le32(p, 8));
+            if r {
+                LocalMsg::VersionResult {
+                    revision,
+                    max_msg_size,
+                    features,
+                }
+            } else {
+                LocalMsg::Version {
+                    revision,
+                    max_msg_size,
+                    features,
+                }
+            }
+        }
+        (AREA_SHARE, false) => {
+            need(16)?;
+            LocalMsg::AreaShare {
+                id: le16(p, 0),
+                size: le64(p, 8),
+            }
+        }
+        (AREA_UNSHARE, false) => {
+            need(4)?;
+            LocalMsg::AreaUnshare { id: le16(p, 0) }
+        }
+        (AREA_SHARE | AREA_UNSHARE, true) => {
+            need(8)?;
+            LocalMsg::AreaResult {
+                id: le16(p, 0),
+                status: le32(p, 4),
+            }
+        }
+        (DOORBELL_ATTACH, false) => {
+            need(8)?;
+            let direction = match le32(p, 4) {
+                0 => DoorbellDirection::ToDevice,
+                1 => DoorbellDirection::ToDriver,
+                d => return Err(WireError(format!("DOORBELL_ATTACH direction {d}"))),
+            };
+            LocalMsg::DoorbellAttach {
+                dev_num: le16(p, 0),
+                queue: le16(p, 2),
+                direction,
+            }
+        }
+        (id, _) => return Err(WireError(format!("unknown local bus message {id:#04x}"))),
+    }))
+}

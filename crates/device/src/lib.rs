@@ -1,0 +1,181 @@
+//! The device API. A device model implements [`VirtioDevice`] and, once
+//! activated, one [`QueueHandler`] per queue; it never learns which transport
+//! (virtio-msg, vhost-user) or which memory model (window + bounce, grants,
+//! full share) serves it. Memory is passed as a parameter on every call.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+
+pub use virtio_bindings::virtio_config;
+
+/// The memory a device may touch: exactly what the driver side shared, and
+/// nothing else. Addresses outside it do not translate.
+pub type DeviceMemory = vm_memory::GuestMemoryMmap;
+
+/// A descriptor chain as handed to a device.
+pub type Chain<'a> = DescriptorChain<&'a DeviceMemory>;
+
+/// What a device asks its transport to signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptKind {
+    /// The config space changed (the transport bumps the generation).
+    Config,
+    /// Buffers were used on this queue.
+    Queue(u16),
+}
+
+/// Signals the driver. Implemented by transports.
+pub trait Interrupt: Send + Sync {
+    /// Raises the interrupt.
+    fn trigger(&self, kind: InterruptKind) -> Result<(), InterruptError>;
+}
+
+/// An interrupt could not be delivered.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupt {kind:?} not delivered: {reason}")]
+pub struct InterruptError {
+    /// Which interrupt.
+    pub kind: InterruptKind,
+    /// Why.
+    pub reason: String,
+}
+
+/// Errors of a device model's control path.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A config access outside the config space.
+    #[error("config access of {len} bytes at offset {offset} outside {size}-byte config space")]
+    ConfigOutOfRange {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: usize,
+        /// Config size.
+        size: usize,
+    },
+    /// A config field that may not be written.
+    #[error("config write to read-only bytes at offset {offset}")]
+    ConfigReadOnly {
+        /// Offset.
+        offset: u64,
+    },
+    /// Activation failed.
+    #[error("activation failed: {reason}")]
+    Activate {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// virtio device id (2 = block, ...).
+    fn device_type(&self) -> u32;
+    /// Device-specific feature bits. The transport adds the transport features
+    /// it implements itself (VERSION_1, EVENT_IDX, INDIRECT_DESC, ...).
+    fn device_features(&self) -> u64;
+    /// Number of queues.
+    fn num_queues(&self) -> u16;
+    /// Largest size of each queue (a power of two).
+    fn max_queue_size(&self) -> u16;
+    /// Size of the config space in bytes.
+    fn config_size(&self) -> usize;
+    /// Reads config bytes at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), DeviceError>;
+    /// Writes config bytes at `offset`.
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
+    /// Starts the device with the features the driver accepted; returns one
+    /// handler per queue, which the transport may run on separate threads.
+    fn activate(&mut self, acked_features: u64) -> Result<Vec<Box<dyn QueueHandler>>, DeviceError>;
+    /// Returns the device to its initial state (handlers have been dropped).
+    fn reset(&mut self);
+}
+
+/// Processes the requests of one queue.
+pub trait QueueHandler: Send {
+    /// Handles one chain and returns the number of bytes written into
+    /// device-writable buffers (the used length). A malformed request is
+    /// answered in-band (a status byte) where possible and never panics.
+    fn handle_chain(&mut self, chain: Chain<'_>, mem: &DeviceMemory) -> u32;
+}
+
+/// Counters a transport keeps per queue.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Chains processed.
+    pub chains: AtomicU64,
+    /// Driver notifications sent.
+    pub notifications: AtomicU64,
+}
+
+/// The queue itself is broken (not one request): the device needs a reset.
+#[derive(Debug, thiserror::Error)]
+#[error("virtqueue failure: {0}")]
+pub struct QueueFailure(#[from] pub virtio_queue::Error);
+
+/// Hard bound on chains processed per call, so one busy queue cannot starve
+/// the others or the control path.
+pub const MAX_CHAINS_PER_CALL: usize = 1024;
+
+/// Pops every available chain of `queue`, hands it to `handler`, puts it on
+/// the used ring, and tells whether the driver must be notified (honouring
+/// EVENT_IDX when enabled on the queue). Returns `Ok((processed, notify))`.
+pub fn process_queue(
+    queue: &mut Queue,
+    mem: &DeviceMemory,
+    handler: &mut dyn QueueHandler,
+    stats: &QueueStats,
+) -> Result<(usize, bool), QueueFailure> {
+    let mut processed = 0usize;
+    let size = usize::from(queue.size());
+    let mut batch: Vec<Chain<'_>> = Vec::with_capacity(size);
+    loop {
+        if queue.event_idx_enabled() {
+            queue.disable_notification(mem)?;
+        }
+        loop {
+            batch.clear();
+            batch.extend(queue.iter(mem)?.take(size));
+            if batch.is_empty() {
+                break;
+            }
+            for chain in batch.drain(..) {
+                let head = chain.head_index();
+                let used = handler.handle_chain(chain, mem);
+                queue.add_used(mem, head, used)?;
+                processed = processed.saturating_add(1);
+            }
+            if processed >= MAX_CHAINS_PER_CALL {
+                break;
+            }
+        }
+        // With EVENT_IDX, re-enable and re-check so a buffer added meanwhile is not missed.
+        if processed >= MAX_CHAINS_PER_CALL
+            || !queue.event_idx_enabled()
+            || !queue.enable_notification(mem)?
+        {
+            break;
+        }
+    }
+    stats.chains.fetch_add(processed as u64, Ordering::Relaxed);
+    let notify = processed > 0 && queue.needs_notification(mem)?;
+    if notify {
+        stats.notifications.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok((processed, notify))
+}
+
+/// Copies `data` into a config-space image after checking bounds; shared by device models.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+    let src = usize::try_from(offset)
+        .ok()
+        .and_then(|o| config.get(o..o.checked_add(data.len())?))
+        .ok_or(DeviceError::ConfigOutOfRange {
+            offset,
+            len: data.len(),
+            size: config.len(),
+        })?;
+    data.copy_from_slice(src);
+    Ok(())
+}
