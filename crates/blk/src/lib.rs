@@ -1,0 +1,256 @@
+//! virtio-blk backed by a raw image file.
+//!
+//! Requests: IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES. Every field of a
+//! request is copied out of shared memory once and validated; a bad request
+//! gets IOERR (or UNSUPP for an unknown type), never a panic. Data moves
+//! between the file and shared memory with `preadv`/`pwritev` straight into
+//! the shared pages: no intermediate copy in the backend.
+
+mod request;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use ringfence_device::{read_config_bytes, DeviceError, QueueHandler, VirtioDevice};
+use virtio_bindings::virtio_blk::*;
+
+pub use request::{BlkQueue, RequestStats};
+
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+/// Size of the virtio-blk config space we expose.
+pub const CONFIG_SIZE: usize = 60;
+/// Largest size of one data segment (SIZE_MAX).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Most DISCARD / WRITE_ZEROES segments in one request.
+pub const MAX_DISCARD_SEG: u32 = 32;
+/// Most sectors in one DISCARD / WRITE_ZEROES segment.
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// virtio device id of a block device.
+pub const DEVICE_ID_BLOCK: u32 = 2;
+
+/// Options of a block device.
+#[derive(Debug, Clone)]
+pub struct BlkOptions {
+    /// Refuse writes (and offer VIRTIO_BLK_F_RO).
+    pub read_only: bool,
+    /// Number of request queues (MQ when > 1).
+    pub num_queues: u16,
+    /// Queue size offered.
+    pub queue_size: u16,
+    /// Serial number returned by GET_ID (at most 20 bytes are used).
+    pub serial: String,
+}
+
+impl Default for BlkOptions {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            num_queues: 1,
+            queue_size: 256,
+            serial: "ringfence".into(),
+        }
+    }
+}
+
+/// Errors opening a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    /// The image could not be opened.
+    #[error("cannot open image {path}")]
+    Open {
+        /// The path.
+        path: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The image size is not usable.
+    #[error("image {path} has size {size}, not a non-zero multiple of 512")]
+    BadSize {
+        /// The path.
+        path: String,
+        /// Its size.
+        size: u64,
+    },
+    /// Bad option.
+    #[error("invalid option: {0}")]
+    Option(String),
+}
+
+/// The backing image shared by all queues.
+#[derive(Debug)]
+pub(crate) struct Disk {
+    pub(crate) file: File,
+    pub(crate) sectors: u64,
+    pub(crate) read_only: bool,
+    pub(crate) id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    pub(crate) stats: RequestStats,
+}
+
+/// A virtio-blk device.
+#[derive(Debug)]
+pub struct Blk {
+    disk: Arc<Disk>,
+    opts: BlkOptions,
+    config: [u8; CONFIG_SIZE],
+    writeback: bool,
+}
+
+fn put(config: &mut [u8], at: usize, bytes: &[u8]) {
+    if let Some(d) = config.get_mut(at..at + bytes.len()) {
+        d.copy_from_slice(bytes);
+    }
+}
+
+impl Blk {
+    /// Opens `path` as the backing image.
+    pub fn open(path: &Path, opts: BlkOptions) -> Result<Self, BlkError> {
+        if opts.num_queues == 0 || opts.num_queues > 64 {
+            return Err(BlkError::Option(format!("num_queues {} not in 1..=64", opts.num_queues)));
+        }
+        if !opts.queue_size.is_power_of_two() || opts.queue_size < 4 {
+            return Err(BlkError::Option(format!("queue_size {} not a power of two >= 4", opts.queue_size)));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .open(path)
+            .map_err(|source| BlkError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| BlkError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let size = if meta.file_type().is_block_device() {
+            use std::io::Seek;
+            (&file).seek(io::SeekFrom::End(0)).map_err(|source| BlkError::Open {
+                path: path.display().to_string(),
+                source,
+            })?
+        } else {
+            meta.len()
+        };
+        if size == 0 || size % SECTOR_SIZE != 0 {
+            return Err(BlkError::BadSize {
+                path: path.display().to_string(),
+                size,
+            });
+        }
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        for (d, s) in id.iter_mut().zip(opts.serial.bytes()) {
+            *d = s;
+        }
+        let disk = Arc::new(Disk {
+            file,
+            sectors: size / SECTOR_SIZE,
+            read_only: opts.read_only,
+            id,
+            stats: RequestStats::default(),
+        });
+        let mut blk = Blk {
+            disk,
+            config: [0; CONFIG_SIZE],
+            opts,
+            writeback: true,
+        };
+        blk.build_config();
+        Ok(blk)
+    }
+
+    fn build_config(&mut self) {
+        let c = &mut self.config;
+        put(c, 0, &self.disk.sectors.to_le_bytes()); // capacity
+        put(c, 8, &SIZE_MAX.to_le_bytes()); // size_max
+        put(c, 12, &u32::from(self.opts.queue_size - 2).to_le_bytes()); // seg_max
+        put(c, 20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        put(c, 32, &[u8::from(self.writeback)]); // writeback
+        put(c, 34, &self.opts.num_queues.to_le_bytes()); // num_queues
+        put(c, 36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(c, 40, &MAX_DISCARD_SEG.to_le_bytes());
+        put(c, 44, &1u32.to_le_bytes()); // discard_sector_alignment
+        put(c, 48, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(c, 52, &MAX_DISCARD_SEG.to_le_bytes());
+        put(c, 56, &[1]); // write_zeroes_may_unmap
+    }
+
+    /// Capacity in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.disk.sectors
+    }
+
+    /// Request counters (shared by all queues).
+    pub fn stats(&self) -> &RequestStats {
+        &self.disk.stats
+    }
+}
+
+impl VirtioDevice for Blk {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID_BLOCK
+    }
+
+    fn device_features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_DISCARD)
+            | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
+        if self.opts.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        if self.opts.num_queues > 1 {
+            f |= 1 << VIRTIO_BLK_F_MQ;
+        }
+        f
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.opts.num_queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.opts.queue_size
+    }
+
+    fn config_size(&self) -> usize {
+        CONFIG_SIZE
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        read_config_bytes(&self.config, offset, data)
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        // Only `writeback` (offset 32, CONFIG_WCE) is writable, and we do not
+        // offer CONFIG_WCE: the config space is read-only to the driver.
+        let _ = data;
+        Err(DeviceError::ConfigReadOnly { offset })
+    }
+
+    fn activate(&mut self, acked_features: u64) -> Result<Vec<Box<dyn QueueHandler>>, DeviceError> {
+        let queues = if acked_features & (1 << VIRTIO_BLK_F_MQ) != 0 {
+            self.opts.num_queues
+        } else {
+            1
+        };
+        tracing::info!(
+            sectors = self.disk.sectors,
+            queues,
+            read_only = self.disk.read_only,
+            features = format_args!("{acked_features:#x}"),
+            "virtio-blk activated"
+        );
+        Ok((0..queues)
+            .map(|_| Box::new(BlkQueue::new(self.disk.clone(), self.opts.queue_size)) as Box<dyn QueueHandler>)
+            .collect())
+    }
+
+    fn reset(&mut self) {}
+}

@@ -1,0 +1,364 @@
+//! One queue's request processing. Everything read from shared memory is
+//! copied once into a local value and validated before use.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ringfence_device::{Chain, DeviceMemory, QueueHandler};
+use virtio_bindings::virtio_blk::*;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+
+use crate::{Disk, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE, SIZE_MAX};
+
+/// Request counters of a block device.
+#[derive(Debug, Default)]
+pub struct RequestStats {
+    /// Requests completed with OK.
+    pub ok: AtomicU64,
+    /// Requests completed with IOERR.
+    pub ioerr: AtomicU64,
+    /// Requests completed with UNSUPP.
+    pub unsupp: AtomicU64,
+    /// Chains so malformed that no status could be written.
+    pub unanswerable: AtomicU64,
+    /// Bytes read from the image.
+    pub bytes_read: AtomicU64,
+    /// Bytes written to the image.
+    pub bytes_written: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReqError {
+    #[error("unsupported request type or flags {0:#x}")]
+    Unsupported(u32),
+    #[error("invalid request: {0}")]
+    Invalid(&'static str),
+    #[error("image I/O failed")]
+    Io(#[source] std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    addr: GuestAddress,
+    len: u32,
+    writable: bool,
+}
+
+/// The request handler of one queue.
+#[derive(Debug)]
+pub struct BlkQueue {
+    disk: Arc<Disk>,
+    segments: Vec<Segment>,
+    max_descriptors: usize,
+}
+
+impl BlkQueue {
+    pub(crate) fn new(disk: Arc<Disk>, queue_size: u16) -> Self {
+        Self {
+            disk,
+            segments: Vec::with_capacity(usize::from(queue_size)),
+            max_descriptors: usize::from(queue_size),
+        }
+    }
+
+    /// The byte range on disk of `len` bytes at `sector`, if it is inside the image.
+    fn disk_range(&self, sector: u64, len: u64) -> Result<u64, ReqError> {
+        let end_sector = len
+            .checked_div(SECTOR_SIZE)
+            .and_then(|n| sector.checked_add(n))
+            .ok_or(ReqError::Invalid("sector overflow"))?;
+        if len % SECTOR_SIZE != 0 {
+            return Err(ReqError::Invalid("length not a multiple of 512"));
+        }
+        if end_sector > self.disk.sectors {
+            return Err(ReqError::Invalid("beyond end of image"));
+        }
+        sector
+            .checked_mul(SECTOR_SIZE)
+            .ok_or(ReqError::Invalid("sector overflow"))
+    }
+
+    fn total_len(&self, writable: bool) -> Result<u64, ReqError> {
+        let mut total = 0u64;
+        for s in &self.segments {
+            if s.writable != writable {
+                return Err(ReqError::Invalid("data descriptor has the wrong direction"));
+            }
+            if s.len > SIZE_MAX {
+                return Err(ReqError::Invalid("segment larger than size_max"));
+            }
+            total = total
+                .checked_add(u64::from(s.len))
+                .ok_or(ReqError::Invalid("length overflow"))?;
+        }
+        Ok(total)
+    }
+
+    fn execute(&self, mem: &DeviceMemory, req_type: u32, sector: u64) -> Result<u32, ReqError> {
+        match req_type {
+            VIRTIO_BLK_T_IN => {
+                let total = self.total_len(true)?;
+                let mut pos = self.disk_range(sector, total)?;
+                for s in &self.segments {
+                    let slice = guest_slice(mem, s)?;
+                    pread_exact(&self.disk.file, &slice, pos)?;
+                    pos = pos.saturating_add(u64::from(s.len));
+                }
+                self.disk.stats.bytes_read.fetch_add(total, Ordering::Relaxed);
+                u32::try_from(total).map_err(|_| ReqError::Invalid("length overflow"))
+            }
+            VIRTIO_BLK_T_OUT => {
+                if self.disk.read_only {
+                    return Err(ReqError::Invalid("write to a read-only image"));
+                }
+                let total = self.total_len(false)?;
+                let mut pos = self.disk_range(sector, total)?;
+                for s in &self.segments {
+                    let slice = guest_slice(mem, s)?;
+                    pwrite_all(&self.disk.file, &slice, pos)?;
+                    pos = pos.saturating_add(u64::from(s.len));
+                }
+                self.disk.stats.bytes_written.fetch_add(total, Ordering::Relaxed);
+                Ok(0)
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                if !self.disk.read_only {
+                    self.disk.file.sync_data().map_err(ReqError::Io)?;
+                }
+                Ok(0)
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let seg = match self.segments.as_slice() {
+                    [s] if s.writable => *s,
+                    _ => return Err(ReqError::Invalid("GET_ID needs one writable buffer")),
+                };
+                let n = (seg.len as usize).min(self.disk.id.len());
+                let id = self.disk.id.get(..n).unwrap_or(&[]);
+                mem.write_slice(id, seg.addr)
+                    .map_err(|_| ReqError::Invalid("GET_ID buffer outside shared memory"))?;
+                Ok(n as u32)
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                if self.disk.read_only {
+                    return Err(ReqError::Invalid("discard on a read-only image"));
+                }
+                self.discard_or_zero(mem, req_type == VIRTIO_BLK_T_WRITE_ZEROES)?;
+                Ok(0)
+            }
+            other => Err(ReqError::Unsupported(other)),
+        }
+    }
+
+    fn discard_or_zero(&self, mem: &DeviceMemory, zero: bool) -> Result<(), ReqError> {
+        const ENTRY: usize = 16;
+        let total = self.total_len(false)?;
+        let max = u64::from(MAX_DISCARD_SEG) * ENTRY as u64;
+        if total == 0 || total % ENTRY as u64 != 0 || total > max {
+            return Err(ReqError::Invalid("bad discard segment list"));
+        }
+        // Copy the whole list out of shared memory once.
+        let mut list = [0u8; MAX_DISCARD_SEG as usize * ENTRY];
+        let mut at = 0usize;
+        for s in &self.segments {
+            let end = at.saturating_add(s.len as usize);
+            let dst = list.get_mut(at..end).ok_or(ReqError::Invalid("bad discard list"))?;
+            mem.read_slice(dst, s.addr)
+                .map_err(|_| ReqError::Invalid("discard list outside shared memory"))?;
+            at = end;
+        }
+        for entry in list.get(..at).unwrap_or(&[]).chunks_exact(ENTRY) {
+            let sector = u64::from_le_bytes(entry.get(0..8).and_then(|b| b.try_into().ok()).unwrap_or_default());
+            let num = u32::from_le_bytes(entry.get(8..12).and_then(|b| b.try_into().ok()).unwrap_or_default());
+            let flags = u32::from_le_bytes(entry.get(12..16).and_then(|b| b.try_into().ok()).unwrap_or_default());
+            let allowed_flags = if zero { VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP } else { 0 };
+            if flags & !allowed_flags != 0 {
+                return Err(ReqError::Unsupported(flags));
+            }
+            if num > MAX_DISCARD_SECTORS {
+                return Err(ReqError::Invalid("discard segment too large"));
+            }
+            let len = u64::from(num) * SECTOR_SIZE;
+            let offset = self.disk_range(sector, len)?;
+            let mode = if zero && flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP == 0 {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            fallocate_or_zero(&self.disk.file, mode, offset, len, zero)?;
+        }
+        Ok(())
+    }
+}
+
+fn guest_slice<'m>(mem: &'m DeviceMemory, s: &Segment) -> Result<VolatileSlice<'m, ()>, ReqError> {
+    mem.get_slice(s.addr, s.len as usize)
+        .map_err(|_| ReqError::Invalid("buffer outside shared memory"))
+}
+
+fn pread_exact(file: &std::fs::File, slice: &VolatileSlice<'_, ()>, mut offset: u64) -> Result<(), ReqError> {
+    let guard = slice.ptr_guard_mut();
+    let base = guard.as_ptr();
+    let mut done = 0usize;
+    while done < slice.len() {
+        // SAFETY: `base..base+len` is a live mapping of shared memory owned by
+        // `slice` for the duration of this call; the kernel writes at most
+        // `len - done` bytes into it. The peer may write it concurrently, which
+        // only affects the bytes it receives.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                base.add(done).cast(),
+                slice.len() - done,
+                offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(ReqError::Io(e));
+        }
+        if n == 0 {
+            return Err(ReqError::Invalid("unexpected end of image"));
+        }
+        done += n as usize;
+        offset = offset.saturating_add(n as u64);
+    }
+    Ok(())
+}
+
+fn pwrite_all(file: &std::fs::File, slice: &VolatileSlice<'_, ()>, mut offset: u64) -> Result<(), ReqError> {
+    let guard = slice.ptr_guard();
+    let base = guard.as_ptr();
+    let mut done = 0usize;
+    while done < slice.len() {
+        // SAFETY: `base..base+len` is a live mapping owned by `slice`; the
+        // kernel only reads from it.
+        let n = unsafe {
+            libc::pwrite(
+                file.as_raw_fd(),
+                base.add(done).cast(),
+                slice.len() - done,
+                offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(ReqError::Io(e));
+        }
+        done += n as usize;
+        offset = offset.saturating_add(n as u64);
+    }
+    Ok(())
+}
+
+fn fallocate_or_zero(file: &std::fs::File, mode: i32, offset: u64, len: u64, zero: bool) -> Result<(), ReqError> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain system call on a descriptor we own.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if !zero {
+        // Discard is a hint; a file system without hole punching may ignore it.
+        return Ok(());
+    }
+    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(ReqError::Io(e));
+    }
+    let zeros = vec![0u8; 64 * 1024];
+    let mut pos = offset;
+    let end = offset.saturating_add(len);
+    while pos < end {
+        let n = ((end - pos) as usize).min(zeros.len());
+        std::os::unix::fs::FileExt::write_all_at(file, zeros.get(..n).unwrap_or(&[]), pos).map_err(ReqError::Io)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+impl QueueHandler for BlkQueue {
+    fn handle_chain(&mut self, chain: Chain<'_>, mem: &DeviceMemory) -> u32 {
+        let stats = &self.disk.stats;
+        // Collect the chain (virtio-queue bounds it by the queue size).
+        let mut descs = chain.take(self.max_descriptors.saturating_add(1));
+        let Some(first) = descs.next() else {
+            stats.unanswerable.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        };
+        self.segments.clear();
+        let mut last = None;
+        for d in descs.by_ref().take(self.max_descriptors) {
+            if let Some(prev) = last.replace(d) {
+                self.segments.push(Segment {
+                    addr: prev.addr(),
+                    len: prev.len(),
+                    writable: prev.is_write_only(),
+                });
+            }
+        }
+        // The status byte is the last byte of the last descriptor, which must be writable.
+        let Some(status_desc) = last.filter(|d| d.is_write_only() && d.len() >= 1) else {
+            stats.unanswerable.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        };
+        let Some(status_addr) = status_desc.addr().checked_add(u64::from(status_desc.len() - 1)) else {
+            stats.unanswerable.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        };
+        if status_desc.len() > 1 {
+            self.segments.push(Segment {
+                addr: status_desc.addr(),
+                len: status_desc.len() - 1,
+                writable: true,
+            });
+        }
+        // Copy the header out once.
+        let mut header = [0u8; 16];
+        let result = if first.is_write_only() || first.len() < 16 {
+            Err(ReqError::Invalid("header descriptor"))
+        } else if mem.read_slice(&mut header, first.addr()).is_err() {
+            Err(ReqError::Invalid("header outside shared memory"))
+        } else {
+            if first.len() > 16 {
+                // Data that follows the header in the same descriptor.
+                if let Some(addr) = first.addr().checked_add(16) {
+                    let len = first.len() - 16;
+                    self.segments.insert(0, Segment { addr, len, writable: false });
+                }
+            }
+            let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+            let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+            self.execute(mem, req_type, sector)
+        };
+        let (status, written) = match result {
+            Ok(n) => {
+                stats.ok.fetch_add(1, Ordering::Relaxed);
+                (VIRTIO_BLK_S_OK, n)
+            }
+            Err(ReqError::Unsupported(t)) => {
+                tracing::debug!(req_type = t, "unsupported request");
+                stats.unsupp.fetch_add(1, Ordering::Relaxed);
+                (VIRTIO_BLK_S_UNSUPP, 0)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "request failed");
+                stats.ioerr.fetch_add(1, Ordering::Relaxed);
+                (VIRTIO_BLK_S_IOERR, 0)
+            }
+        };
+        if mem.write_obj(status as u8, status_addr).is_err() {
+            stats.unanswerable.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
+        written.saturating_add(1)
+    }
+}
