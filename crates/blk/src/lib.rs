@@ -110,10 +110,16 @@ impl Blk {
     /// Opens `path` as the backing image.
     pub fn open(path: &Path, opts: BlkOptions) -> Result<Self, BlkError> {
         if opts.num_queues == 0 || opts.num_queues > 64 {
-            return Err(BlkError::Option(format!("num_queues {} not in 1..=64", opts.num_queues)));
+            return Err(BlkError::Option(format!(
+                "num_queues {} not in 1..=64",
+                opts.num_queues
+            )));
         }
         if !opts.queue_size.is_power_of_two() || opts.queue_size < 4 {
-            return Err(BlkError::Option(format!("queue_size {} not a power of two >= 4", opts.queue_size)));
+            return Err(BlkError::Option(format!(
+                "queue_size {} not a power of two >= 4",
+                opts.queue_size
+            )));
         }
         let file = OpenOptions::new()
             .read(true)
@@ -129,10 +135,12 @@ impl Blk {
         })?;
         let size = if meta.file_type().is_block_device() {
             use std::io::Seek;
-            (&file).seek(io::SeekFrom::End(0)).map_err(|source| BlkError::Open {
-                path: path.display().to_string(),
-                source,
-            })?
+            (&file)
+                .seek(io::SeekFrom::End(0))
+                .map_err(|source| BlkError::Open {
+                    path: path.display().to_string(),
+                    source,
+                })?
         } else {
             meta.len()
         };
@@ -248,7 +256,10 @@ impl VirtioDevice for Blk {
             "virtio-blk activated"
         );
         Ok((0..queues)
-            .map(|_| Box::new(BlkQueue::new(self.disk.clone(), self.opts.queue_size)) as Box<dyn QueueHandler>)
+            .map(|_| {
+                Box::new(BlkQueue::new(self.disk.clone(), self.opts.queue_size))
+                    as Box<dyn QueueHandler>
+            })
             .collect())
     }
 

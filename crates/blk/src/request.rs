@@ -105,7 +105,10 @@ impl BlkQueue {
                     pread_exact(&self.disk.file, &slice, pos)?;
                     pos = pos.saturating_add(u64::from(s.len));
                 }
-                self.disk.stats.bytes_read.fetch_add(total, Ordering::Relaxed);
+                self.disk
+                    .stats
+                    .bytes_read
+                    .fetch_add(total, Ordering::Relaxed);
                 u32::try_from(total).map_err(|_| ReqError::Invalid("length overflow"))
             }
             VIRTIO_BLK_T_OUT => {
@@ -119,7 +122,10 @@ impl BlkQueue {
                     pwrite_all(&self.disk.file, &slice, pos)?;
                     pos = pos.saturating_add(u64::from(s.len));
                 }
-                self.disk.stats.bytes_written.fetch_add(total, Ordering::Relaxed);
+                self.disk
+                    .stats
+                    .bytes_written
+                    .fetch_add(total, Ordering::Relaxed);
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
@@ -162,16 +168,37 @@ impl BlkQueue {
         let mut at = 0usize;
         for s in &self.segments {
             let end = at.saturating_add(s.len as usize);
-            let dst = list.get_mut(at..end).ok_or(ReqError::Invalid("bad discard list"))?;
+            let dst = list
+                .get_mut(at..end)
+                .ok_or(ReqError::Invalid("bad discard list"))?;
             mem.read_slice(dst, s.addr)
                 .map_err(|_| ReqError::Invalid("discard list outside shared memory"))?;
             at = end;
         }
         for entry in list.get(..at).unwrap_or(&[]).chunks_exact(ENTRY) {
-            let sector = u64::from_le_bytes(entry.get(0..8).and_then(|b| b.try_into().ok()).unwrap_or_default());
-            let num = u32::from_le_bytes(entry.get(8..12).and_then(|b| b.try_into().ok()).unwrap_or_default());
-            let flags = u32::from_le_bytes(entry.get(12..16).and_then(|b| b.try_into().ok()).unwrap_or_default());
-            let allowed_flags = if zero { VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP } else { 0 };
+            let sector = u64::from_le_bytes(
+                entry
+                    .get(0..8)
+                    .and_then(|b| b.try_into().ok())
+                    .unwrap_or_default(),
+            );
+            let num = u32::from_le_bytes(
+                entry
+                    .get(8..12)
+                    .and_then(|b| b.try_into().ok())
+                    .unwrap_or_default(),
+            );
+            let flags = u32::from_le_bytes(
+                entry
+                    .get(12..16)
+                    .and_then(|b| b.try_into().ok())
+                    .unwrap_or_default(),
+            );
+            let allowed_flags = if zero {
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            } else {
+                0
+            };
             if flags & !allowed_flags != 0 {
                 return Err(ReqError::Unsupported(flags));
             }
@@ -196,7 +223,11 @@ fn guest_slice<'m>(mem: &'m DeviceMemory, s: &Segment) -> Result<VolatileSlice<'
         .map_err(|_| ReqError::Invalid("buffer outside shared memory"))
 }
 
-fn pread_exact(file: &std::fs::File, slice: &VolatileSlice<'_, ()>, mut offset: u64) -> Result<(), ReqError> {
+fn pread_exact(
+    file: &std::fs::File,
+    slice: &VolatileSlice<'_, ()>,
+    mut offset: u64,
+) -> Result<(), ReqError> {
     let guard = slice.ptr_guard_mut();
     let base = guard.as_ptr();
     let mut done = 0usize;
@@ -229,7 +260,11 @@ fn pread_exact(file: &std::fs::File, slice: &VolatileSlice<'_, ()>, mut offset: 
     Ok(())
 }
 
-fn pwrite_all(file: &std::fs::File, slice: &VolatileSlice<'_, ()>, mut offset: u64) -> Result<(), ReqError> {
+fn pwrite_all(
+    file: &std::fs::File,
+    slice: &VolatileSlice<'_, ()>,
+    mut offset: u64,
+) -> Result<(), ReqError> {
     let guard = slice.ptr_guard();
     let base = guard.as_ptr();
     let mut done = 0usize;
@@ -257,12 +292,25 @@ fn pwrite_all(file: &std::fs::File, slice: &VolatileSlice<'_, ()>, mut offset: u
     Ok(())
 }
 
-fn fallocate_or_zero(file: &std::fs::File, mode: i32, offset: u64, len: u64, zero: bool) -> Result<(), ReqError> {
+fn fallocate_or_zero(
+    file: &std::fs::File,
+    mode: i32,
+    offset: u64,
+    len: u64,
+    zero: bool,
+) -> Result<(), ReqError> {
     if len == 0 {
         return Ok(());
     }
     // SAFETY: plain system call on a descriptor we own.
-    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
     if r == 0 {
         return Ok(());
     }
@@ -279,7 +327,8 @@ fn fallocate_or_zero(file: &std::fs::File, mode: i32, offset: u64, len: u64, zer
     let end = offset.saturating_add(len);
     while pos < end {
         let n = ((end - pos) as usize).min(zeros.len());
-        std::os::unix::fs::FileExt::write_all_at(file, zeros.get(..n).unwrap_or(&[]), pos).map_err(ReqError::Io)?;
+        std::os::unix::fs::FileExt::write_all_at(file, zeros.get(..n).unwrap_or(&[]), pos)
+            .map_err(ReqError::Io)?;
         pos += n as u64;
     }
     Ok(())
@@ -310,7 +359,10 @@ impl QueueHandler for BlkQueue {
             stats.unanswerable.fetch_add(1, Ordering::Relaxed);
             return 0;
         };
-        let Some(status_addr) = status_desc.addr().checked_add(u64::from(status_desc.len() - 1)) else {
+        let Some(status_addr) = status_desc
+            .addr()
+            .checked_add(u64::from(status_desc.len() - 1))
+        else {
             stats.unanswerable.fetch_add(1, Ordering::Relaxed);
             return 0;
         };
@@ -332,7 +384,14 @@ impl QueueHandler for BlkQueue {
                 // Data that follows the header in the same descriptor.
                 if let Some(addr) = first.addr().checked_add(16) {
                     let len = first.len() - 16;
-                    self.segments.insert(0, Segment { addr, len, writable: false });
+                    self.segments.insert(
+                        0,
+                        Segment {
+                            addr,
+                            len,
+                            writable: false,
+                        },
+                    );
                 }
             }
             let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);

@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ringfence_bus::{
-    AreaId, BusError, BusLimits, DeviceBus, DeviceBusEvent, Doorbell, DoorbellDirection,
-    DriverBus, LocalArea, SharedArea,
+    AreaId, BusError, BusLimits, DeviceBus, DeviceBusEvent, Doorbell, DoorbellDirection, DriverBus,
+    LocalArea, SharedArea,
 };
 use ringfence_virtio_msg::consts::{ABSOLUTE_MAX_MSG_SIZE, MIN_USABLE_MSG_SIZE};
 use ringfence_virtio_msg::{Body, Message};
@@ -125,7 +125,10 @@ impl LocalDeviceBus {
             return Err("area id 0 is reserved".into());
         }
         if size == 0 || size > self.cfg.max_area_size || size % 4096 != 0 {
-            return Err(format!("area size {size} not a page multiple in 4 KiB..={}", self.cfg.max_area_size));
+            return Err(format!(
+                "area size {size} not a page multiple in 4 KiB..={}",
+                self.cfg.max_area_size
+            ));
         }
         let mut areas = self.area_count.lock().unwrap_or_else(|p| p.into_inner());
         if areas.contains(&id) {
@@ -158,33 +161,48 @@ impl LocalDeviceBus {
                     || max < MIN_USABLE_MSG_SIZE
                 {
                     return Ok(DeviceBusEvent::Dropped {
-                        reason: format!("unusable VERSION: revision {revision}, max {max_msg_size}"),
+                        reason: format!(
+                            "unusable VERSION: revision {revision}, max {max_msg_size}"
+                        ),
                     });
                 }
                 *self.negotiated.lock().unwrap_or_else(|p| p.into_inner()) = limits(max, doorbells);
                 self.reply(&LocalMsg::VersionResult {
                     revision: ringfence_virtio_msg::consts::TRANSPORT_REVISION,
                     max_msg_size: max as u32,
-                    features: if doorbells { wire::FEATURE_DOORBELLS } else { 0 },
+                    features: if doorbells {
+                        wire::FEATURE_DOORBELLS
+                    } else {
+                        0
+                    },
                 })?;
                 tracing::info!(max_msg_size = max, doorbells, "bus handshake");
                 DeviceBusEvent::Handled
             }
             LocalMsg::AreaShare { id, size } => {
                 let Some(file) = files.next() else {
-                    self.reply(&LocalMsg::AreaResult { id, status: wire::STATUS_REJECTED })?;
+                    self.reply(&LocalMsg::AreaResult {
+                        id,
+                        status: wire::STATUS_REJECTED,
+                    })?;
                     return Ok(DeviceBusEvent::Dropped {
                         reason: format!("AREA_SHARE {id} without a descriptor"),
                     });
                 };
                 match self.map_area(id, size, file) {
                     Ok(area) => {
-                        self.reply(&LocalMsg::AreaResult { id, status: wire::STATUS_OK })?;
+                        self.reply(&LocalMsg::AreaResult {
+                            id,
+                            status: wire::STATUS_OK,
+                        })?;
                         tracing::info!(area = id, size, "area shared");
                         DeviceBusEvent::AreaShared(area)
                     }
                     Err(reason) => {
-                        self.reply(&LocalMsg::AreaResult { id, status: wire::STATUS_REJECTED })?;
+                        self.reply(&LocalMsg::AreaResult {
+                            id,
+                            status: wire::STATUS_REJECTED,
+                        })?;
                         DeviceBusEvent::Dropped { reason }
                     }
                 }
@@ -198,7 +216,11 @@ impl LocalDeviceBus {
                 drop(areas);
                 self.reply(&LocalMsg::AreaResult {
                     id,
-                    status: if known.is_some() { wire::STATUS_OK } else { wire::STATUS_REJECTED },
+                    status: if known.is_some() {
+                        wire::STATUS_OK
+                    } else {
+                        wire::STATUS_REJECTED
+                    },
                 })?;
                 match known {
                     Some(_) => DeviceBusEvent::AreaUnshared(id),
@@ -242,7 +264,10 @@ impl DeviceBus for LocalDeviceBus {
     fn send(&self, msg: &[u8]) -> Result<(), BusError> {
         let max = self.limits().max_msg_size;
         if msg.len() > max {
-            return Err(BusError::TooLarge { len: msg.len(), max });
+            return Err(BusError::TooLarge {
+                len: msg.len(),
+                max,
+            });
         }
         self.sock.send(msg, &[])
     }
@@ -300,7 +325,11 @@ impl LocalDriverBus {
             &LocalMsg::Version {
                 revision: ringfence_virtio_msg::consts::TRANSPORT_REVISION,
                 max_msg_size: cfg.max_msg_size as u32,
-                features: if cfg.doorbells { wire::FEATURE_DOORBELLS } else { 0 },
+                features: if cfg.doorbells {
+                    wire::FEATURE_DOORBELLS
+                } else {
+                    0
+                },
             },
             None,
         )?;
@@ -374,7 +403,12 @@ impl DriverBus for LocalDriverBus {
     }
 
     fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> Result<Option<usize>, BusError> {
-        if let Some(m) = self.stash.lock().unwrap_or_else(|p| p.into_inner()).pop_front() {
+        if let Some(m) = self
+            .stash
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+        {
             let n = m.len().min(buf.len());
             if let (Some(dst), Some(src)) = (buf.get_mut(..n), m.get(..n)) {
                 dst.copy_from_slice(src);
@@ -461,7 +495,15 @@ impl DriverBus for LocalDriverBus {
 }
 
 /// Creates both ends of a local bus in one process (tests, benchmarks).
-pub fn pair(cfg: LocalBusConfig) -> Result<(LocalDeviceBus, std::thread::JoinHandle<Result<LocalDriverBus, BusError>>), BusError> {
+pub fn pair(
+    cfg: LocalBusConfig,
+) -> Result<
+    (
+        LocalDeviceBus,
+        std::thread::JoinHandle<Result<LocalDriverBus, BusError>>,
+    ),
+    BusError,
+> {
     let (a, b) = Seqpacket::pair().map_err(|e| BusError::io("socketpair", e))?;
     let dev = LocalDeviceBus::new(a, cfg)?;
     let drv = std::thread::spawn(move || LocalDriverBus::handshake(b, cfg));

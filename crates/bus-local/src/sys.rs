@@ -30,7 +30,10 @@ fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let bytes = path.as_os_str().as_bytes();
     if bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
     }
     for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
         *dst = src as libc::c_char;
@@ -41,13 +44,7 @@ fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
 
 fn new_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain system call with constant arguments.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -284,12 +281,8 @@ pub fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> Result<bool, BusEr
 pub fn sealed_memfd(name: &str, size: usize) -> io::Result<File> {
     let cname = std::ffi::CString::new(name).map_err(io::Error::other)?;
     // SAFETY: cname is a valid NUL-terminated string.
-    let fd = unsafe {
-        libc::memfd_create(
-            cname.as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -341,16 +334,23 @@ impl EventFdDoorbell {
         let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
             .map_err(|e| format!("cannot inspect doorbell descriptor: {e}"))?;
         if link.as_os_str() != "anon_inode:[eventfd]" {
-            return Err(format!("doorbell descriptor is {}, not an eventfd", link.display()));
+            return Err(format!(
+                "doorbell descriptor is {}, not an eventfd",
+                link.display()
+            ));
         }
         // SAFETY: fcntl on a descriptor we own.
         let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
         // SAFETY: fcntl on a descriptor we own with an integer argument.
-        if flags < 0 || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        if flags < 0
+            || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+        {
             return Err("cannot make doorbell non-blocking".into());
         }
         // SAFETY: we own the descriptor, checked above to be an eventfd.
-        Ok(Self(unsafe { EventFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(file)) }))
+        Ok(Self(unsafe {
+            EventFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(file))
+        }))
     }
 
     /// The descriptor, to pass to the peer.
@@ -361,7 +361,9 @@ impl EventFdDoorbell {
 
 impl Doorbell for EventFdDoorbell {
     fn ring(&self) -> Result<(), BusError> {
-        self.0.write(1).map_err(|e| BusError::io("eventfd write", e))
+        self.0
+            .write(1)
+            .map_err(|e| BusError::io("eventfd write", e))
     }
 
     fn wait(&self, timeout: Option<Duration>) -> Result<bool, BusError> {

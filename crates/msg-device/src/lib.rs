@@ -137,11 +137,17 @@ impl Backend {
                 }
                 DeviceBusEvent::AreaShared(area) => {
                     self.areas.insert(area.id, area);
-                    self.memory.lock().map(|g| g.replace(build_memory(&self.areas))).ok();
+                    self.memory
+                        .lock()
+                        .map(|g| g.replace(build_memory(&self.areas)))
+                        .ok();
                 }
                 DeviceBusEvent::AreaUnshared(id) => {
                     self.areas.remove(&id);
-                    self.memory.lock().map(|g| g.replace(build_memory(&self.areas))).ok();
+                    self.memory
+                        .lock()
+                        .map(|g| g.replace(build_memory(&self.areas)))
+                        .ok();
                 }
                 DeviceBusEvent::DoorbellAttached {
                     dev_num,
@@ -154,10 +160,15 @@ impl Backend {
                             self.drop_msg(&self.stats.bus_dropped, &why);
                         }
                     }
-                    None => self.drop_msg(&self.stats.unknown_device, &format!("doorbell for device {dev_num}")),
+                    None => self.drop_msg(
+                        &self.stats.unknown_device,
+                        &format!("doorbell for device {dev_num}"),
+                    ),
                 },
                 DeviceBusEvent::Handled => {}
-                DeviceBusEvent::Dropped { reason } => self.drop_msg(&self.stats.bus_dropped, &reason),
+                DeviceBusEvent::Dropped { reason } => {
+                    self.drop_msg(&self.stats.bus_dropped, &reason)
+                }
             }
         };
         for dev in self.devices.values_mut() {
@@ -165,12 +176,20 @@ impl Backend {
             dev.detach();
         }
         self.areas.clear();
-        self.memory.lock().map(|g| g.replace(DeviceMemory::default())).ok();
+        self.memory
+            .lock()
+            .map(|g| g.replace(DeviceMemory::default()))
+            .ok();
         tracing::info!(stats = %self.stats, "driver side disconnected");
         result
     }
 
-    fn handle_message(&mut self, bytes: &[u8], out: &mut [u8], bus: &dyn DeviceBus) -> Result<(), BusError> {
+    fn handle_message(
+        &mut self,
+        bytes: &[u8],
+        out: &mut [u8],
+        bus: &dyn DeviceBus,
+    ) -> Result<(), BusError> {
         let msg = match decode(bytes) {
             Ok(m) => m,
             Err(e) => {
@@ -181,9 +200,15 @@ impl Backend {
         let max = bus.limits().max_msg_size.min(out.len());
         let out = out.get_mut(..max).unwrap_or_default();
         let reply = |body: Body<'_>, out: &mut [u8]| -> Result<(), BusError> {
-            let n = Message { dev_num: msg.dev_num, token: msg.token, body }
-                .encode(out)
-                .map_err(|e| BusError::Protocol { reason: e.to_string() })?;
+            let n = Message {
+                dev_num: msg.dev_num,
+                token: msg.token,
+                body,
+            }
+            .encode(out)
+            .map_err(|e| BusError::Protocol {
+                reason: e.to_string(),
+            })?;
             bus.send(out.get(..n).unwrap_or(&[]))
         };
         match msg.body {
@@ -208,7 +233,11 @@ impl Backend {
                 }
                 let last = self.devices.keys().next_back().copied().unwrap_or(0);
                 let end = usize::from(offset) + count;
-                let next_offset = if usize::from(last) >= end { end as u16 } else { 0 };
+                let next_offset = if usize::from(last) >= end {
+                    end as u16
+                } else {
+                    0
+                };
                 reply(
                     Body::Devices {
                         offset,
@@ -227,18 +256,30 @@ impl Backend {
                         Ok(())
                     }
                     None => {
-                        self.drop_msg(&self.stats.unknown_device, &format!("EVENT_AVAIL for device {}", msg.dev_num));
+                        self.drop_msg(
+                            &self.stats.unknown_device,
+                            &format!("EVENT_AVAIL for device {}", msg.dev_num),
+                        );
                         Ok(())
                     }
                 }
             }
-            body if body.kind().1 || body.kind().2 || ringfence_virtio_msg::is_event_id(body.kind().0) => {
-                self.drop_msg(&self.stats.unexpected, &format!("{body:?} is not a request for a device"));
+            body if body.kind().1
+                || body.kind().2
+                || ringfence_virtio_msg::is_event_id(body.kind().0) =>
+            {
+                self.drop_msg(
+                    &self.stats.unexpected,
+                    &format!("{body:?} is not a request for a device"),
+                );
                 Ok(())
             }
             body => {
                 let Some(dev) = self.devices.get_mut(&msg.dev_num) else {
-                    self.drop_msg(&self.stats.unknown_device, &format!("request for device {}", msg.dev_num));
+                    self.drop_msg(
+                        &self.stats.unknown_device,
+                        &format!("request for device {}", msg.dev_num),
+                    );
                     return Ok(());
                 };
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);

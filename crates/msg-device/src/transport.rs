@@ -25,9 +25,8 @@ const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
 
 /// Features the transport itself implements (through virtio-queue).
-pub const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
-    | (1 << VIRTIO_RING_F_EVENT_IDX)
-    | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+pub const TRANSPORT_FEATURES: u64 =
+    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_RING_F_INDIRECT_DESC);
 
 struct QueueSlot {
     setup: Option<Vqueue>,
@@ -54,10 +53,15 @@ impl Notifier {
             return Err("no bus attached".into());
         };
         let mut buf = [0u8; 64];
-        let n = Message { dev_num: self.dev_num, token: 0, body }
-            .encode(&mut buf)
-            .map_err(|e| e.to_string())?;
-        bus.send(buf.get(..n).unwrap_or(&[])).map_err(|e| e.to_string())
+        let n = Message {
+            dev_num: self.dev_num,
+            token: 0,
+            body,
+        }
+        .encode(&mut buf)
+        .map_err(|e| e.to_string())?;
+        bus.send(buf.get(..n).unwrap_or(&[]))
+            .map_err(|e| e.to_string())
     }
 
     fn device_status(&self) -> u32 {
@@ -84,12 +88,19 @@ impl Interrupt for Notifier {
                     .flatten();
                 match db {
                     Some(db) => db.ring().map_err(|e| err(e.to_string())),
-                    None => self.send(Body::EventUsed { vq_index: u32::from(q) }).map_err(err),
+                    None => self
+                        .send(Body::EventUsed {
+                            vq_index: u32::from(q),
+                        })
+                        .map_err(err),
                 }
             }
             InterruptKind::Config => {
                 // The generation moves before the driver can see the change.
-                let generation = self.generation.fetch_add(1, Ordering::SeqCst).wrapping_add(1);
+                let generation = self
+                    .generation
+                    .fetch_add(1, Ordering::SeqCst)
+                    .wrapping_add(1);
                 self.send(Body::EventConfig {
                     device_status: self.device_status(),
                     generation,
@@ -119,7 +130,11 @@ fn ring_sizes(size: u32) -> (u64, u64, u64) {
 }
 
 impl DeviceTransport {
-    pub(crate) fn new(dev_num: u16, device: Box<dyn VirtioDevice>, memory: GuestMemoryAtomic<DeviceMemory>) -> Self {
+    pub(crate) fn new(
+        dev_num: u16,
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryAtomic<DeviceMemory>,
+    ) -> Self {
         let n = usize::from(device.num_queues());
         let needs_reset = Arc::new(AtomicBool::new(false));
         Self {
@@ -261,8 +276,12 @@ impl DeviceTransport {
             return 0;
         }
         let old = self.notifier.status.load(Ordering::SeqCst);
-        if new & old != old || new & !(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK | S_FAILED) != 0 {
-            self.bad(&format!("status {new:#x} clears bits of {old:#x} or sets reserved bits"));
+        if new & old != old
+            || new & !(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK | S_FAILED) != 0
+        {
+            self.bad(&format!(
+                "status {new:#x} clears bits of {old:#x} or sets reserved bits"
+            ));
             return self.status();
         }
         let added = new & !old;
@@ -303,26 +322,38 @@ impl DeviceTransport {
         let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let dev_num = self.notifier.dev_num;
         for (index, handler) in handlers.into_iter().enumerate() {
-            let Some(slot) = self.queues.get_mut(index) else { break };
+            let Some(slot) = self.queues.get_mut(index) else {
+                break;
+            };
             let Some(setup) = slot.setup else {
                 continue; // the driver does not use this queue
             };
-            let mut queue = Queue::new(self.device.max_queue_size()).map_err(|e| format!("queue {index}: {e}"))?;
-            queue.try_set_size(setup.size as u16).map_err(|e| format!("queue {index} size: {e}"))?;
-            queue.try_set_desc_table_address(GuestAddress(setup.desc_addr)).map_err(|e| format!("queue {index}: {e}"))?;
-            queue.try_set_avail_ring_address(GuestAddress(setup.driver_addr)).map_err(|e| format!("queue {index}: {e}"))?;
-            queue.try_set_used_ring_address(GuestAddress(setup.device_addr)).map_err(|e| format!("queue {index}: {e}"))?;
+            let mut queue = Queue::new(self.device.max_queue_size())
+                .map_err(|e| format!("queue {index}: {e}"))?;
+            queue
+                .try_set_size(setup.size as u16)
+                .map_err(|e| format!("queue {index} size: {e}"))?;
+            queue
+                .try_set_desc_table_address(GuestAddress(setup.desc_addr))
+                .map_err(|e| format!("queue {index}: {e}"))?;
+            queue
+                .try_set_avail_ring_address(GuestAddress(setup.driver_addr))
+                .map_err(|e| format!("queue {index}: {e}"))?;
+            queue
+                .try_set_used_ring_address(GuestAddress(setup.device_addr))
+                .map_err(|e| format!("queue {index}: {e}"))?;
             queue.set_event_idx(event_idx);
             queue.set_ready(true);
             if !queue.is_valid(&*self.memory.memory()) {
-                return Err(format!("queue {index} rings are not inside the shared areas"));
+                return Err(format!(
+                    "queue {index} rings are not inside the shared areas"
+                ));
             }
             let kick: Arc<dyn Doorbell> = match &slot.kick {
                 Some(k) => k.clone(),
                 None => {
-                    let k: Arc<dyn Doorbell> = Arc::new(
-                        InbandKick::new().map_err(|e| format!("eventfd: {e}"))?,
-                    );
+                    let k: Arc<dyn Doorbell> =
+                        Arc::new(InbandKick::new().map_err(|e| format!("eventfd: {e}"))?);
                     slot.inband_kick = Some(k.clone());
                     k
                 }
@@ -340,7 +371,12 @@ impl DeviceTransport {
             .map_err(|e| format!("spawn worker: {e}"))?;
             self.workers.push(worker);
         }
-        tracing::info!(dev = dev_num, queues = self.workers.len(), features = format_args!("{:#x}", self.driver_features), "DRIVER_OK");
+        tracing::info!(
+            dev = dev_num,
+            queues = self.workers.len(),
+            features = format_args!("{:#x}", self.driver_features),
+            "DRIVER_OK"
+        );
         Ok(())
     }
 
@@ -352,8 +388,15 @@ impl DeviceTransport {
         }
         let max = u32::from(self.device.max_queue_size());
         let valid_size = q.size.is_power_of_two() && q.size <= max;
-        let Some(slot) = usize::try_from(q.index).ok().filter(|_| valid_size).and_then(|i| self.queues.get_mut(i)) else {
-            self.fail(&format!("SET_VQUEUE index {} size {} invalid", q.index, q.size));
+        let Some(slot) = usize::try_from(q.index)
+            .ok()
+            .filter(|_| valid_size)
+            .and_then(|i| self.queues.get_mut(i))
+        else {
+            self.fail(&format!(
+                "SET_VQUEUE index {} size {} invalid",
+                q.index, q.size
+            ));
             return;
         };
         let (d, a, u) = ring_sizes(q.size);
@@ -361,16 +404,27 @@ impl DeviceTransport {
         let inside = |addr: u64, len: u64, align: u64| {
             addr % align == 0 && mem.get_slice(GuestAddress(addr), len as usize).is_ok()
         };
-        if !(inside(q.desc_addr, d, 16) && inside(q.driver_addr, a, 2) && inside(q.device_addr, u, 4)) {
+        if !(inside(q.desc_addr, d, 16)
+            && inside(q.driver_addr, a, 2)
+            && inside(q.device_addr, u, 4))
+        {
             drop(mem);
-            self.fail(&format!("queue {} rings outside the shared areas or misaligned", q.index));
+            self.fail(&format!(
+                "queue {} rings outside the shared areas or misaligned",
+                q.index
+            ));
             return;
         }
         slot.setup = Some(q);
     }
 
     /// Handles one request and returns the response body (borrowing `scratch`).
-    pub(crate) fn handle_request<'s>(&mut self, body: Body<'_>, max_msg: usize, scratch: &'s mut [u8; 256]) -> Body<'s> {
+    pub(crate) fn handle_request<'s>(
+        &mut self,
+        body: Body<'_>,
+        max_msg: usize,
+        scratch: &'s mut [u8; 256],
+    ) -> Body<'s> {
         match body {
             Body::GetDeviceInfo => Body::DeviceInfo(DeviceInfo {
                 device_id: self.device.device_type(),
@@ -381,24 +435,38 @@ impl DeviceTransport {
                 admin_vq_start: 0,
                 admin_vq_count: 0,
             }),
-            Body::GetDeviceFeatures { block_index, num_blocks } => {
+            Body::GetDeviceFeatures {
+                block_index,
+                num_blocks,
+            } => {
                 let room = (max_msg.saturating_sub(16) / 4).min(scratch.len() / 4);
                 let n = (num_blocks as usize).min(room);
-                let bytes = feature_blocks(self.offered_features(), block_index, &mut scratch[..n * 4]);
+                let bytes =
+                    feature_blocks(self.offered_features(), block_index, &mut scratch[..n * 4]);
                 Body::DeviceFeatures {
                     block_index,
-                    features: Words::from_bytes(bytes).unwrap_or(Words::from_bytes(&[]).expect("empty is aligned")),
+                    features: Words::from_bytes(bytes)
+                        .unwrap_or(Words::from_bytes(&[]).expect("empty is aligned")),
                 }
             }
-            Body::SetDriverFeatures { block_index, features } => {
+            Body::SetDriverFeatures {
+                block_index,
+                features,
+            } => {
                 let status = self.status();
                 if status & S_DRIVER == 0 || status & S_FEATURES_OK != 0 {
                     self.bad("SET_DRIVER_FEATURES outside DRIVER..FEATURES_OK");
                 } else {
                     for (i, word) in features.iter().enumerate() {
                         match u64::from(block_index).saturating_add(i as u64) {
-                            0 => self.driver_features = (self.driver_features & !0xFFFF_FFFF) | u64::from(word),
-                            1 => self.driver_features = (self.driver_features & 0xFFFF_FFFF) | (u64::from(word) << 32),
+                            0 => {
+                                self.driver_features =
+                                    (self.driver_features & !0xFFFF_FFFF) | u64::from(word)
+                            }
+                            1 => {
+                                self.driver_features =
+                                    (self.driver_features & 0xFFFF_FFFF) | (u64::from(word) << 32)
+                            }
                             // Bits we never offered: remembered as unacceptable.
                             _ if word != 0 => self.driver_features |= 1 << 63,
                             _ => {}
@@ -412,7 +480,10 @@ impl DeviceTransport {
                 let room = max_msg.saturating_sub(20).min(scratch.len());
                 let len = length as usize;
                 let ok = len <= room
-                    && self.device.read_config(u64::from(offset), &mut scratch[..len.min(room)]).is_ok();
+                    && self
+                        .device
+                        .read_config(u64::from(offset), &mut scratch[..len.min(room)])
+                        .is_ok();
                 if !ok {
                     self.bad(&format!("GET_CONFIG {length} bytes at {offset}"));
                 }
@@ -422,9 +493,14 @@ impl DeviceTransport {
                     data: if ok { &scratch[..len] } else { &[] },
                 }
             }
-            Body::SetConfig { generation, offset, data } => {
+            Body::SetConfig {
+                generation,
+                offset,
+                data,
+            } => {
                 let current = self.notifier.generation.load(Ordering::SeqCst);
-                let ok = generation == current && self.device.write_config(u64::from(offset), data).is_ok();
+                let ok = generation == current
+                    && self.device.write_config(u64::from(offset), data).is_ok();
                 Body::SetConfigResult {
                     generation: current,
                     offset,
@@ -432,17 +508,32 @@ impl DeviceTransport {
                     data: &[],
                 }
             }
-            Body::GetDeviceStatus => Body::DeviceStatus { status: self.status() },
-            Body::SetDeviceStatus { status } => Body::SetDeviceStatusResult { status: self.set_status(status) },
+            Body::GetDeviceStatus => Body::DeviceStatus {
+                status: self.status(),
+            },
+            Body::SetDeviceStatus { status } => Body::SetDeviceStatusResult {
+                status: self.set_status(status),
+            },
             Body::GetVqueue { index } => {
                 let max_size = u32::from(self.device.max_queue_size());
                 match usize::try_from(index).ok().and_then(|i| self.queues.get(i)) {
                     Some(slot) => Body::VqueueInfo(slot.setup.map_or(
-                        Vqueue { index, max_size, ..Vqueue::default() },
-                        |s| Vqueue { index, max_size, ..s },
+                        Vqueue {
+                            index,
+                            max_size,
+                            ..Vqueue::default()
+                        },
+                        |s| Vqueue {
+                            index,
+                            max_size,
+                            ..s
+                        },
                     )),
                     // No such queue: max_size 0.
-                    None => Body::VqueueInfo(Vqueue { index, ..Vqueue::default() }),
+                    None => Body::VqueueInfo(Vqueue {
+                        index,
+                        ..Vqueue::default()
+                    }),
                 }
             }
             Body::SetVqueue(q) => {
@@ -454,11 +545,17 @@ impl DeviceTransport {
                 self.bad("RESET_VQUEUE without VIRTIO_F_RING_RESET");
                 Body::ResetVqueueDone
             }
-            Body::GetShm { index } => Body::Shm { index, length: 0, address: 0 },
+            Body::GetShm { index } => Body::Shm {
+                index,
+                length: 0,
+                address: 0,
+            },
             other => {
                 // Routed here only for requests; anything else is a bug in routing.
                 self.bad(&format!("not a request: {other:?}"));
-                Body::DeviceStatus { status: self.status() }
+                Body::DeviceStatus {
+                    status: self.status(),
+                }
             }
         }
     }
@@ -469,13 +566,17 @@ struct InbandKick(vmm_sys_util::eventfd::EventFd);
 
 impl InbandKick {
     fn new() -> std::io::Result<Self> {
-        Ok(Self(vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?))
+        Ok(Self(vmm_sys_util::eventfd::EventFd::new(
+            vmm_sys_util::eventfd::EFD_NONBLOCK,
+        )?))
     }
 }
 
 impl Doorbell for InbandKick {
     fn ring(&self) -> Result<(), ringfence_bus::BusError> {
-        self.0.write(1).map_err(|e| ringfence_bus::BusError::io("eventfd write", e))
+        self.0
+            .write(1)
+            .map_err(|e| ringfence_bus::BusError::io("eventfd write", e))
     }
     fn wait(&self, _timeout: Option<std::time::Duration>) -> Result<bool, ringfence_bus::BusError> {
         Ok(self.0.read().is_ok())

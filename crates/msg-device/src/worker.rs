@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use ringfence_bus::Doorbell;
-use ringfence_device::{process_queue, DeviceMemory, Interrupt, InterruptKind, QueueHandler, QueueStats};
+use ringfence_device::{
+    process_queue, DeviceMemory, Interrupt, InterruptKind, QueueHandler, QueueStats,
+};
 use virtio_queue::Queue;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -30,8 +32,16 @@ pub(crate) struct WorkerCtx {
 
 fn poll2(a: RawFd, b: RawFd) -> std::io::Result<(bool, bool)> {
     let mut fds = [
-        libc::pollfd { fd: a, events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: b, events: libc::POLLIN, revents: 0 },
+        libc::pollfd {
+            fd: a,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b,
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     loop {
         // SAFETY: fds is a valid array of two pollfds for the duration of the call.
@@ -58,7 +68,10 @@ impl Worker {
                 ctx.run(&stop_fd);
                 ctx.queue
             })?;
-        Ok(Worker { stop, thread: Some(thread) })
+        Ok(Worker {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Stops the worker and returns its queue.

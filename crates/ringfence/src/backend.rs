@@ -1,0 +1,119 @@
+//! `ringfence backend`: serve devices on a local-bus endpoint.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ringfence_blk::{Blk, BlkOptions};
+use ringfence_bus_local::{Listener, LocalBusConfig, LocalDeviceBus};
+use ringfence_device::VirtioDevice;
+use ringfence_msg_device::Backend;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Installs SIGTERM/SIGINT handlers without SA_RESTART, so blocking calls return EINTR.
+pub fn install_signal_handlers() {
+    // SAFETY: sigaction with a handler that only stores to an atomic.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as *const () as usize;
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Options of `ringfence backend`.
+#[derive(Debug, clap::Args)]
+pub struct BackendArgs {
+    /// Unix socket the frontend connects to.
+    #[arg(long)]
+    pub socket_path: PathBuf,
+    /// Largest bus message in bytes (48..=65536; the spec recommends at most 264).
+    #[arg(long, default_value_t = 264)]
+    pub max_msg_size: usize,
+    /// Carry EVENT_AVAIL/EVENT_USED in-band instead of eventfd doorbells.
+    #[arg(long)]
+    pub no_doorbells: bool,
+    /// Exit after the first frontend disconnects.
+    #[arg(long)]
+    pub once: bool,
+    /// The device to serve.
+    #[command(subcommand)]
+    pub device: DeviceArgs,
+}
+
+/// Devices the backend can serve.
+#[derive(Debug, clap::Subcommand)]
+pub enum DeviceArgs {
+    /// virtio-blk backed by a raw image.
+    Blk {
+        /// Raw disk image.
+        #[arg(long)]
+        image: PathBuf,
+        /// Refuse writes.
+        #[arg(long)]
+        read_only: bool,
+        /// Request queues (VIRTIO_BLK_F_MQ when > 1).
+        #[arg(long, default_value_t = 1)]
+        num_queues: u16,
+        /// Queue size offered.
+        #[arg(long, default_value_t = 256)]
+        queue_size: u16,
+    },
+}
+
+pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
+    install_signal_handlers();
+    let device: Box<dyn VirtioDevice> = match &args.device {
+        DeviceArgs::Blk {
+            image,
+            read_only,
+            num_queues,
+            queue_size,
+        } => Box::new(Blk::open(
+            image,
+            BlkOptions {
+                read_only: *read_only,
+                num_queues: *num_queues,
+                queue_size: *queue_size,
+                ..Default::default()
+            },
+        )?),
+    };
+    let cfg = LocalBusConfig {
+        max_msg_size: args.max_msg_size,
+        doorbells: !args.no_doorbells,
+        ..Default::default()
+    };
+    let listener = Listener::bind(&args.socket_path)?;
+    tracing::info!(socket = %args.socket_path.display(), pid = std::process::id(), "backend listening");
+    let mut backend = Backend::new(vec![device]);
+    let stats = backend.stats();
+    while !STOP.load(Ordering::SeqCst) {
+        let sock = match listener.accept(Some(Duration::from_millis(200))) {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!("frontend connected");
+        let bus = Arc::new(LocalDeviceBus::new(sock, cfg)?);
+        if let Err(e) = backend.serve(bus) {
+            if STOP.load(Ordering::SeqCst) {
+                break;
+            }
+            tracing::warn!(error = %e, "connection ended with an error");
+        }
+        if args.once {
+            break;
+        }
+    }
+    println!("backend stats: {stats}");
+    Ok(())
+}

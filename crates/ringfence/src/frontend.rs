@@ -1,0 +1,444 @@
+//! `ringfence frontend`: attach over the bus, share one window, run
+//! virtio-drivers' unmodified `VirtIOBlk` over the virtio-msg transport and the
+//! bounce pool, and run a verified workload.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringfence_bus::DriverBus;
+use ringfence_bus_local::{LocalBusConfig, LocalDriverBus};
+use ringfence_msg_driver::{
+    discover, install_pool, BounceHal, BouncePool, CompletionWaiter, MsgTransport,
+};
+use virtio_drivers::device::blk::{BlkReq, BlkResp, RespStatus, VirtIOBlk, SECTOR_SIZE};
+
+/// Options of `ringfence frontend`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FrontendArgs {
+    /// Unix socket of the backend.
+    #[arg(long)]
+    pub socket_path: PathBuf,
+    /// Size of the shared window in MiB (rings + bounce pool).
+    #[arg(long, default_value_t = 8)]
+    pub window_mib: usize,
+    /// Largest bus message in bytes.
+    #[arg(long, default_value_t = 264)]
+    pub max_msg_size: usize,
+    /// Carry notifications in-band instead of eventfd doorbells.
+    #[arg(long)]
+    pub no_doorbells: bool,
+    /// MiB written and read back per request size.
+    #[arg(long, default_value_t = 64)]
+    pub mib_per_size: u64,
+    /// Request sizes in KiB, comma separated.
+    #[arg(long, default_value = "4,64,128", value_delimiter = ',')]
+    pub sizes_kib: Vec<u64>,
+    /// Requests in flight (VirtIOBlk's queue holds 16).
+    #[arg(long, default_value_t = 8)]
+    pub queue_depth: usize,
+    /// Seed of the data pattern.
+    #[arg(long, default_value_t = 0x5eed)]
+    pub seed: u64,
+    /// Benchmark mode: no writes, random 4 KiB QD1 / QD16 reads and 128 KiB sequential reads.
+    #[arg(long)]
+    pub bench: bool,
+    /// Print the report as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep this marker in private memory during the run (isolation tests look for it).
+    #[arg(long)]
+    pub private_marker: Option<String>,
+    /// Sleep this many ms after attaching, before the workload (tests inspect the backend meanwhile).
+    #[arg(long, default_value_t = 0)]
+    pub pause_ms: u64,
+}
+
+type Disk = VirtIOBlk<BounceHal, MsgTransport>;
+
+/// Deterministic pattern: 8 bytes per (seed, byte offset), so any range can be regenerated.
+fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
+    for (i, chunk) in buf.chunks_mut(8).enumerate() {
+        let mut x = seed ^ (offset / 8 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+struct Slot {
+    req: BlkReq,
+    resp: BlkResp,
+    buf: Vec<u8>,
+    token: Option<u16>,
+    started: Instant,
+    sector: u64,
+    write: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct PhaseResult {
+    pub requests: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+    pub latencies_ns: Vec<u64>,
+    pub mismatches: u64,
+    pub errors: u64,
+}
+
+impl PhaseResult {
+    pub fn percentile_us(&mut self, p: f64) -> f64 {
+        if self.latencies_ns.is_empty() {
+            return 0.0;
+        }
+        self.latencies_ns.sort_unstable();
+        let i = ((self.latencies_ns.len() - 1) as f64 * p).round() as usize;
+        self.latencies_ns[i.min(self.latencies_ns.len() - 1)] as f64 / 1000.0
+    }
+    pub fn mib_s(&self) -> f64 {
+        self.bytes as f64 / (1 << 20) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    pub fn iops(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Runs `count` requests of `len` bytes at the sectors `sector_of(i)` with `qd` in flight.
+#[allow(clippy::too_many_arguments)]
+fn run_phase(
+    disk: &mut Disk,
+    waiter: &CompletionWaiter,
+    write: bool,
+    len: usize,
+    count: u64,
+    qd: usize,
+    seed: u64,
+    verify: bool,
+    sector_of: &dyn Fn(u64) -> u64,
+) -> PhaseResult {
+    let qd = qd.clamp(1, 16);
+    let mut slots: Vec<Slot> = (0..qd)
+        .map(|_| Slot {
+            req: BlkReq::default(),
+            resp: BlkResp::default(),
+            buf: vec![0; len],
+            token: None,
+            started: Instant::now(),
+            sector: 0,
+            write,
+        })
+        .collect();
+    let mut r = PhaseResult {
+        latencies_ns: Vec::with_capacity(count as usize),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let mut next = 0u64;
+    let mut done = 0u64;
+    while done < count {
+        // Submit into free slots.
+        for slot in slots.iter_mut().filter(|s| s.token.is_none()) {
+            if next >= count {
+                break;
+            }
+            slot.sector = sector_of(next);
+            if write {
+                fill_pattern(seed, slot.sector * SECTOR_SIZE as u64, &mut slot.buf);
+            }
+            slot.started = Instant::now();
+            // SAFETY: the slot's req/buf/resp stay in place and untouched until completion below.
+            let t = unsafe {
+                if write {
+                    disk.write_blocks_nb(
+                        slot.sector as usize,
+                        &mut slot.req,
+                        &slot.buf,
+                        &mut slot.resp,
+                    )
+                } else {
+                    disk.read_blocks_nb(
+                        slot.sector as usize,
+                        &mut slot.req,
+                        &mut slot.buf,
+                        &mut slot.resp,
+                    )
+                }
+            };
+            match t {
+                Ok(t) => slot.token = Some(t),
+                // The ring is full: retry once something completes.
+                Err(virtio_drivers::Error::QueueFull) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "submission failed");
+                    r.errors += 1;
+                    done += 1;
+                }
+            }
+            next += 1;
+        }
+        // Complete whatever is used; sleep on the used notification otherwise.
+        let mut progressed = false;
+        while let Some(t) = disk.peek_used() {
+            let Some(slot) = slots.iter_mut().find(|s| s.token == Some(t)) else {
+                break;
+            };
+            slot.token = None;
+            // SAFETY: same buffers as passed to the *_nb call that returned `t`.
+            let res = unsafe {
+                if slot.write {
+                    disk.complete_write_blocks(t, &slot.req, &slot.buf, &mut slot.resp)
+                } else {
+                    disk.complete_read_blocks(t, &slot.req, &mut slot.buf, &mut slot.resp)
+                }
+            };
+            r.latencies_ns
+                .push(slot.started.elapsed().as_nanos() as u64);
+            if res.is_err() || slot.resp.status() != RespStatus::OK {
+                r.errors += 1;
+            } else if verify && !slot.write {
+                let mut expect = vec![0u8; len];
+                fill_pattern(seed, slot.sector * SECTOR_SIZE as u64, &mut expect);
+                if expect != slot.buf {
+                    r.mismatches += 1;
+                }
+            }
+            r.requests += 1;
+            r.bytes += len as u64;
+            done += 1;
+            progressed = true;
+        }
+        if !progressed && slots.iter().any(|s| s.token.is_some()) {
+            match waiter.wait(0, Duration::from_secs(10)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::error!("no completion within 10 s");
+                    r.errors += 1;
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "waiting for completions failed");
+                    r.errors += 1;
+                    break;
+                }
+            }
+        }
+    }
+    r.elapsed = start.elapsed();
+    r
+}
+
+pub struct Attached {
+    pub disk: Disk,
+    pub waiter: CompletionWaiter,
+    pub pool: &'static BouncePool,
+    pub capacity_sectors: u64,
+}
+
+pub fn attach(args: &FrontendArgs) -> Result<Attached, Box<dyn std::error::Error>> {
+    let cfg = LocalBusConfig {
+        max_msg_size: args.max_msg_size,
+        doorbells: !args.no_doorbells,
+        ..Default::default()
+    };
+    let bus: Arc<dyn DriverBus> = Arc::new(LocalDriverBus::connect(&args.socket_path, cfg)?);
+    let devices = discover(bus.as_ref())?;
+    let dev_num = *devices.first().ok_or("no device on the bus")?;
+    let window = bus.share_area(args.window_mib << 20)?;
+    let pool =
+        install_pool(BouncePool::new(window)).map_err(|_| "bounce pool already installed")?;
+    let transport = MsgTransport::new(bus.clone(), dev_num)?;
+    let waiter = transport.waiter();
+    let disk =
+        VirtIOBlk::<BounceHal, _>::new(transport).map_err(|e| format!("VirtIOBlk init: {e}"))?;
+    let capacity_sectors = disk.capacity();
+    tracing::info!(
+        dev_num,
+        capacity_sectors,
+        window_mib = args.window_mib,
+        "attached"
+    );
+    Ok(Attached {
+        disk,
+        waiter,
+        pool,
+        capacity_sectors,
+    })
+}
+
+pub fn run(args: FrontendArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    // A secret that lives only in this process's private memory.
+    let marker = args
+        .private_marker
+        .as_ref()
+        .map(|m| std::hint::black_box(m.repeat(64).into_bytes()));
+    let Attached {
+        mut disk,
+        waiter,
+        pool,
+        capacity_sectors,
+    } = attach(&args)?;
+    if args.pause_ms > 0 {
+        println!("attached pid={}", std::process::id());
+        std::thread::sleep(Duration::from_millis(args.pause_ms));
+    }
+    let ok = if args.bench {
+        bench(&mut disk, &waiter, capacity_sectors, &args)
+    } else {
+        workload(&mut disk, &waiter, pool, capacity_sectors, &args)
+    };
+    drop(marker);
+    Ok(ok)
+}
+
+fn workload(
+    disk: &mut Disk,
+    waiter: &CompletionWaiter,
+    pool: &BouncePool,
+    capacity: u64,
+    args: &FrontendArgs,
+) -> bool {
+    let mut total = PhaseResult::default();
+    let mut all_ok = true;
+    let mut base_sector = 0u64;
+    let mut lines = Vec::new();
+    for &kib in &args.sizes_kib {
+        let len = (kib * 1024) as usize;
+        let sectors = (len / SECTOR_SIZE) as u64;
+        let count = (args.mib_per_size << 20) / len as u64;
+        if sectors == 0 || base_sector + count * sectors > capacity {
+            eprintln!(
+                "image too small for {} MiB of {kib} KiB requests",
+                args.mib_per_size
+            );
+            return false;
+        }
+        let b = base_sector;
+        let at = move |i: u64| b + i * sectors;
+        let w = run_phase(
+            disk,
+            waiter,
+            true,
+            len,
+            count,
+            args.queue_depth,
+            args.seed,
+            false,
+            &at,
+        );
+        let mut r = run_phase(
+            disk,
+            waiter,
+            false,
+            len,
+            count,
+            args.queue_depth,
+            args.seed,
+            true,
+            &at,
+        );
+        let ok = w.errors == 0 && r.errors == 0 && r.mismatches == 0 && r.requests == count;
+        all_ok &= ok;
+        lines.push(format!(
+            "  {kib:>4} KiB x{count:<6} write {:>8.1} MiB/s  read {:>8.1} MiB/s {:>8.0} IOPS  p50 {:>7.1} us  p99 {:>7.1} us  {}",
+            w.mib_s(), r.mib_s(), r.iops(), r.percentile_us(0.5), r.percentile_us(0.99),
+            if ok { "verified".to_string() } else { format!("FAILED ({} errors, {} mismatches)", w.errors + r.errors, r.mismatches) }
+        ));
+        for p in [w, r] {
+            total.requests += p.requests;
+            total.bytes += p.bytes;
+            total.elapsed += p.elapsed;
+            total.errors += p.errors;
+            total.mismatches += p.mismatches;
+            total.latencies_ns.extend(p.latencies_ns);
+        }
+        base_sector += count * sectors;
+    }
+    // FLUSH makes the acknowledged writes durable.
+    if disk.flush().is_err() {
+        all_ok = false;
+    }
+    let s = pool.stats();
+    let bounced = s.bytes_in.load(Ordering::Relaxed) + s.bytes_out.load(Ordering::Relaxed);
+    let (p50, p99) = (total.percentile_us(0.5), total.percentile_us(0.99));
+    if args.json {
+        println!(
+            "{{\"ok\":{all_ok},\"requests\":{},\"bytes\":{},\"mib_s\":{:.1},\"iops\":{:.0},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\"bytes_bounced\":{bounced},\"window_bytes\":{},\"errors\":{},\"mismatches\":{}}}",
+            total.requests, total.bytes, total.mib_s(), total.iops(), pool.size(), total.errors, total.mismatches
+        );
+    } else {
+        println!(
+            "Ringfence virtio-blk over virtio-msg, every buffer bounced through the shared window"
+        );
+        for l in lines {
+            println!("{l}");
+        }
+        println!("  requests      {}", total.requests);
+        println!(
+            "  data          {:.0} MiB written and read back, {:.1} MiB/s, {:.0} IOPS",
+            total.bytes as f64 / 2f64.powi(21),
+            total.mib_s(),
+            total.iops()
+        );
+        println!(
+            "  latency       p50 {p50:.1} us, p99 {p99:.1} us (QD {})",
+            args.queue_depth
+        );
+        println!(
+            "  bytes bounced {:.1} MiB ({} maps, {} pool exhaustions)",
+            bounced as f64 / 2f64.powi(20),
+            s.maps.load(Ordering::Relaxed),
+            s.exhausted.load(Ordering::Relaxed)
+        );
+        println!(
+            "  window        {} KiB shared; frontend private memory never shared",
+            pool.size() / 1024
+        );
+        println!(
+            "  result        {}",
+            if all_ok {
+                "OK: all data verified"
+            } else {
+                "FAILED"
+            }
+        );
+    }
+    all_ok
+}
+
+fn bench(disk: &mut Disk, waiter: &CompletionWaiter, capacity: u64, args: &FrontendArgs) -> bool {
+    let span = capacity.min((256u64 << 20) / SECTOR_SIZE as u64);
+    let mut x = args.seed | 1;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let randoms: Vec<u64> = (0..200_000).map(|_| (rnd() % (span / 8)) * 8).collect();
+    let at = |i: u64| randoms[(i as usize) % randoms.len()];
+    // Warm up the path.
+    let _ = run_phase(disk, waiter, false, 4096, 2000, 1, 0, false, &at);
+    let mut qd1 = run_phase(disk, waiter, false, 4096, 20_000, 1, 0, false, &at);
+    let qd16 = run_phase(disk, waiter, false, 4096, 50_000, 16, 0, false, &at);
+    let seq_sectors = 128 * 1024 / SECTOR_SIZE as u64;
+    let seq_count = (span / seq_sectors).min(2048);
+    let seq = run_phase(
+        disk,
+        waiter,
+        false,
+        128 * 1024,
+        seq_count * 4,
+        4,
+        0,
+        false,
+        &|i| (i % seq_count) * seq_sectors,
+    );
+    let ok = qd1.errors + qd16.errors + seq.errors == 0;
+    println!(
+        "{{\"ok\":{ok},\"qd1_p50_us\":{:.2},\"qd1_p99_us\":{:.2},\"qd16_iops\":{:.0},\"seq128k_mib_s\":{:.1}}}",
+        qd1.percentile_us(0.5), qd1.percentile_us(0.99), qd16.iops(), seq.mib_s()
+    );
+    ok
+}
