@@ -181,7 +181,7 @@ pub fn run(args: BenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
         "  4 KiB QD16 randread    {qd16:8.0} IOPS = {:.2} x 1/floor",
         qd16 * floor4 / 1e6
     );
-    println!("  128 KiB seq read QD4   {seq:8.1} MiB/s = {:.0} % of serial copy bound (target >= 75 %), {:.0} % of pipelined", 100.0 * seq / serial_mib_s, 100.0 * seq / pipelined_mib_s);
+    println!("  128 KiB seq read QD16  {seq:8.1} MiB/s = {:.0} % of serial copy bound (target >= 75 %), {:.0} % of pipelined", 100.0 * seq / serial_mib_s, 100.0 * seq / pipelined_mib_s);
     println!(
         "  backend RssAnon (max)  {:8.1} MiB (the window is shared memory, not counted)",
         rss_max_kib as f64 / 1024.0
