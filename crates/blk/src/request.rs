@@ -68,7 +68,7 @@ impl BlkQueue {
             .checked_div(SECTOR_SIZE)
             .and_then(|n| sector.checked_add(n))
             .ok_or(ReqError::Invalid("sector overflow"))?;
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(ReqError::Invalid("length not a multiple of 512"));
         }
         if end_sector > self.disk.sectors {

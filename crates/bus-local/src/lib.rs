@@ -124,7 +124,7 @@ impl LocalDeviceBus {
         if id == 0 {
             return Err("area id 0 is reserved".into());
         }
-        if size == 0 || size > self.cfg.max_area_size || size % 4096 != 0 {
+        if size == 0 || size > self.cfg.max_area_size || !size.is_multiple_of(4096) {
             return Err(format!(
                 "area size {size} not a page multiple in 4 KiB..={}",
                 self.cfg.max_area_size

@@ -341,10 +341,12 @@ impl EventFdDoorbell {
         }
         // SAFETY: fcntl on a descriptor we own.
         let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 {
+            return Err("cannot read doorbell flags".into());
+        }
         // SAFETY: fcntl on a descriptor we own with an integer argument.
-        if flags < 0
-            || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
-        {
+        let set = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+        if set < 0 {
             return Err("cannot make doorbell non-blocking".into());
         }
         // SAFETY: we own the descriptor, checked above to be an eventfd.

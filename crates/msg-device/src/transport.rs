@@ -402,7 +402,7 @@ impl DeviceTransport {
         let (d, a, u) = ring_sizes(q.size);
         let mem = self.memory.memory();
         let inside = |addr: u64, len: u64, align: u64| {
-            addr % align == 0 && mem.get_slice(GuestAddress(addr), len as usize).is_ok()
+            addr.is_multiple_of(align) && mem.get_slice(GuestAddress(addr), len as usize).is_ok()
         };
         if !(inside(q.desc_addr, d, 16)
             && inside(q.driver_addr, a, 2)
