@@ -56,8 +56,8 @@ fn run(blk: &mut Blk, mem: &DeviceMemory, chain: &[(u64, u32, u16)]) -> (u8, u32
     let mut q: Queue = mock.create_queue().unwrap();
     mem.write_obj(0xFFu8, GuestAddress(STATUS)).unwrap();
     let stats = QueueStats::default();
-    let (n, _) = process_queue(&mut q, mem, handlers[0].as_mut(), &stats).unwrap();
-    assert_eq!(n, 1);
+    let done = process_queue(&mut q, mem, handlers[0].as_mut(), &stats).unwrap();
+    assert_eq!(done.chains, 1);
     let used_len: u32 = mem.read_obj(mock.used_addr().unchecked_add(8)).unwrap();
     (mem.read_obj(GuestAddress(STATUS)).unwrap(), used_len)
 }

@@ -118,15 +118,27 @@ pub struct QueueFailure(#[from] pub virtio_queue::Error);
 /// the others or the control path.
 pub const MAX_CHAINS_PER_CALL: usize = 1024;
 
-/// Pops every available chain of `queue`, hands it to `handler`, puts it on
-/// the used ring, and tells whether the driver must be notified (honouring
-/// EVENT_IDX when enabled on the queue). Returns `Ok((processed, notify))`.
+/// What one [`process_queue`] call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Processed {
+    /// Chains handled.
+    pub chains: usize,
+    /// The driver must be notified.
+    pub notify: bool,
+    /// The per-call bound was hit with chains still available: call again
+    /// without waiting for a notification (none may come).
+    pub more: bool,
+}
+
+/// Pops every available chain of `queue` (at most [`MAX_CHAINS_PER_CALL`]),
+/// hands it to `handler`, puts it on the used ring, and tells whether the
+/// driver must be notified (honouring EVENT_IDX when enabled on the queue).
 pub fn process_queue(
     queue: &mut Queue,
     mem: &DeviceMemory,
     handler: &mut dyn QueueHandler,
     stats: &QueueStats,
-) -> Result<(usize, bool), QueueFailure> {
+) -> Result<Processed, QueueFailure> {
     let mut processed = 0usize;
     let size = usize::from(queue.size());
     let mut batch: Vec<Chain<'_>> = Vec::with_capacity(size);
@@ -163,7 +175,11 @@ pub fn process_queue(
     if notify {
         stats.notifications.fetch_add(1, Ordering::Relaxed);
     }
-    Ok((processed, notify))
+    Ok(Processed {
+        chains: processed,
+        notify,
+        more: processed >= MAX_CHAINS_PER_CALL,
+    })
 }
 
 /// Copies `data` into a config-space image after checking bounds; shared by device models.

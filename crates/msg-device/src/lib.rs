@@ -96,6 +96,14 @@ impl Backend {
         }
     }
 
+    /// Keep polling each queue for this long after a batch before sleeping
+    /// (0 = always wait for a notification).
+    pub fn set_poll(&mut self, poll: std::time::Duration) {
+        for d in self.devices.values_mut() {
+            d.set_poll(poll);
+        }
+    }
+
     /// The counters.
     pub fn stats(&self) -> Arc<BackendStats> {
         self.stats.clone()

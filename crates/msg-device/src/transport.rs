@@ -122,6 +122,7 @@ pub struct DeviceTransport {
     memory: GuestMemoryAtomic<DeviceMemory>,
     notifier: Arc<Notifier>,
     stats: Option<Arc<BackendStats>>,
+    poll: std::time::Duration,
 }
 
 fn ring_sizes(size: u32) -> (u64, u64, u64) {
@@ -159,7 +160,12 @@ impl DeviceTransport {
                 needs_reset,
             }),
             stats: None,
+            poll: std::time::Duration::ZERO,
         }
+    }
+
+    pub(crate) fn set_poll(&mut self, poll: std::time::Duration) {
+        self.poll = poll;
     }
 
     pub(crate) fn attach(&mut self, bus: Arc<dyn DeviceBus>, stats: Arc<BackendStats>) {
@@ -367,6 +373,7 @@ impl DeviceTransport {
                 interrupt: self.notifier.clone(),
                 needs_reset: self.notifier.needs_reset.clone(),
                 stats: slot.stats.clone(),
+                poll: self.poll,
             })
             .map_err(|e| format!("spawn worker: {e}"))?;
             self.workers.push(worker);

@@ -9,7 +9,7 @@ use ringfence_bus::Doorbell;
 use ringfence_device::{
     process_queue, DeviceMemory, Interrupt, InterruptKind, QueueHandler, QueueStats,
 };
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -28,6 +28,8 @@ pub(crate) struct WorkerCtx {
     pub interrupt: Arc<dyn Interrupt>,
     pub needs_reset: Arc<AtomicBool>,
     pub stats: Arc<QueueStats>,
+    /// How long to keep polling the avail ring after a batch before sleeping.
+    pub poll: std::time::Duration,
 }
 
 fn poll2(a: RawFd, b: RawFd) -> std::io::Result<(bool, bool)> {
@@ -110,16 +112,21 @@ impl WorkerCtx {
                     }
                 }
             }
-            pending = false;
             let _ = self.kick.try_clear();
             let mem = self.memory.memory();
             match process_queue(&mut self.queue, &mem, self.handler.as_mut(), &self.stats) {
-                Ok((_, true)) => {
-                    if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(self.index)) {
-                        tracing::warn!(error = %e, "used notification lost");
+                Ok(done) => {
+                    if done.notify {
+                        if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(self.index)) {
+                            tracing::warn!(error = %e, "used notification lost");
+                        }
+                    }
+                    if done.more {
+                        // Notifications are still off: come straight back.
+                        pending = true;
+                        continue;
                     }
                 }
-                Ok((_, false)) => {}
                 Err(e) => {
                     tracing::warn!(queue = self.index, error = %e, "queue broken by the driver: device needs reset");
                     self.needs_reset.store(true, Ordering::SeqCst);
@@ -129,6 +136,27 @@ impl WorkerCtx {
                     return;
                 }
             }
+            // Like QEMU's adaptive polling: a new request usually follows soon,
+            // and catching it here saves a sleep and a wakeup on both sides.
+            pending = self.poll_for_work(&mem);
+        }
+    }
+
+    fn poll_for_work(&self, mem: &DeviceMemory) -> bool {
+        if self.poll.is_zero() {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + self.poll;
+        loop {
+            match self.queue.avail_idx(mem, Ordering::Acquire) {
+                Ok(idx) if idx.0 != self.queue.next_avail() => return true,
+                Ok(_) => {}
+                Err(_) => return true, // let process_queue report it
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 }

@@ -40,6 +40,9 @@ pub struct BackendArgs {
     /// Carry EVENT_AVAIL/EVENT_USED in-band instead of eventfd doorbells.
     #[arg(long)]
     pub no_doorbells: bool,
+    /// Microseconds a queue worker keeps polling for new requests before sleeping (0: never poll).
+    #[arg(long, default_value_t = 32)]
+    pub poll_us: u64,
     /// Exit after the first frontend disconnects.
     #[arg(long)]
     pub once: bool,
@@ -94,6 +97,7 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
     let listener = Listener::bind(&args.socket_path)?;
     tracing::info!(socket = %args.socket_path.display(), pid = std::process::id(), "backend listening");
     let mut backend = Backend::new(vec![device]);
+    backend.set_poll(Duration::from_micros(args.poll_us));
     let stats = backend.stats();
     while !STOP.load(Ordering::SeqCst) {
         let sock = match listener.accept(Some(Duration::from_millis(200))) {
