@@ -138,14 +138,31 @@ impl CompletionWaiter {
     /// Notifies queue `q` again. Harmless when spurious; a driver uses it when a
     /// completion is overdue, in case its notification was suppressed by mistake.
     pub fn kick(&self, q: u16) -> Result<(), DriverError> {
-        let kick = self.0.kicks.lock().unwrap_or_else(|p| p.into_inner()).get(usize::from(q)).cloned().flatten();
+        let kick = self
+            .0
+            .kicks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(usize::from(q))
+            .cloned()
+            .flatten();
         match kick {
             Some(db) => Ok(db.ring()?),
             None => {
                 let mut buf = [0u8; 16];
-                let n = Message { dev_num: self.0.dev_num, token: 0, body: Body::EventAvail { vq_index: u32::from(q), next_offset: 0 } }
-                    .encode(&mut buf)
-                    .map_err(|e| DriverError::Unexpected { what: "EVENT_AVAIL", detail: e.to_string() })?;
+                let n = Message {
+                    dev_num: self.0.dev_num,
+                    token: 0,
+                    body: Body::EventAvail {
+                        vq_index: u32::from(q),
+                        next_offset: 0,
+                    },
+                }
+                .encode(&mut buf)
+                .map_err(|e| DriverError::Unexpected {
+                    what: "EVENT_AVAIL",
+                    detail: e.to_string(),
+                })?;
                 Ok(self.0.bus.send(buf.get(..n).unwrap_or(&[]))?)
             }
         }

@@ -10,7 +10,7 @@ use ringfence_bus_local::{Listener, LocalBusConfig, LocalDeviceBus};
 use ringfence_device::VirtioDevice;
 use ringfence_msg_device::Backend;
 
-static STOP: AtomicBool = AtomicBool::new(false);
+pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
@@ -71,9 +71,11 @@ pub enum DeviceArgs {
     },
 }
 
-pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
-    install_signal_handlers();
-    let device: Box<dyn VirtioDevice> = match &args.device {
+/// Opens the device model the command line names.
+pub fn build_device(
+    args: &DeviceArgs,
+) -> Result<Box<dyn VirtioDevice>, Box<dyn std::error::Error>> {
+    Ok(match args {
         DeviceArgs::Blk {
             image,
             read_only,
@@ -88,7 +90,12 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
                 ..Default::default()
             },
         )?),
-    };
+    })
+}
+
+pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
+    install_signal_handlers();
+    let device = build_device(&args.device)?;
     let cfg = LocalBusConfig {
         max_msg_size: args.max_msg_size,
         doorbells: !args.no_doorbells,

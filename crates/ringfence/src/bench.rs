@@ -136,15 +136,33 @@ pub fn run(args: BenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
     println!("  floor for a 4 KiB read               {floor4:8.2} us");
     println!("  128 KiB: pread {pread128:.1} us + copy {copy128:.1} us -> copy-bound {serial_mib_s:.0} MiB/s serial, {pipelined_mib_s:.0} MiB/s pipelined");
     let mut ok = true;
-    for (label, poll) in [("backend waits for every doorbell (--poll-us 0)", "0"), ("backend polls 32 us before sleeping (default)", "32")] {
+    for (label, poll) in [
+        ("backend waits for every doorbell (--poll-us 0)", "0"),
+        ("backend polls 32 us before sleeping (default)", "32"),
+    ] {
         let r = isolated(&socket, &image, &["--poll-us", poll])?;
         ok &= r.ok;
         println!("Isolated path, {label}");
-        println!("  4 KiB QD1 randread p50 {:8.2} us  = {:.2} x floor (target <= 1.25)", r.qd1_p50, r.qd1_p50 / floor4);
-        println!("  4 KiB QD1 randread p99 {:8.2} us  = {:.2} x floor", r.qd1_p99, r.qd1_p99 / floor4);
-        println!("  4 KiB QD16 randread    {:8.0} IOPS = {:.2} x 1/floor", r.qd16, r.qd16 * floor4 / 1e6);
+        println!(
+            "  4 KiB QD1 randread p50 {:8.2} us  = {:.2} x floor (target <= 1.25)",
+            r.qd1_p50,
+            r.qd1_p50 / floor4
+        );
+        println!(
+            "  4 KiB QD1 randread p99 {:8.2} us  = {:.2} x floor",
+            r.qd1_p99,
+            r.qd1_p99 / floor4
+        );
+        println!(
+            "  4 KiB QD16 randread    {:8.0} IOPS = {:.2} x 1/floor",
+            r.qd16,
+            r.qd16 * floor4 / 1e6
+        );
         println!("  128 KiB seq read QD16  {:8.1} MiB/s = {:.0} % of serial copy bound (target >= 75 %), {:.0} % of pipelined", r.seq, 100.0 * r.seq / serial_mib_s, 100.0 * r.seq / pipelined_mib_s);
-        println!("  backend RssAnon (max)  {:8.1} MiB (the window is shared memory, not counted)", r.rss_max_kib as f64 / 1024.0);
+        println!(
+            "  backend RssAnon (max)  {:8.1} MiB (the window is shared memory, not counted)",
+            r.rss_max_kib as f64 / 1024.0
+        );
     }
     Ok(ok)
 }
@@ -158,7 +176,11 @@ struct Isolated {
     rss_max_kib: u64,
 }
 
-fn isolated(socket: &std::path::Path, image: &std::path::Path, backend_args: &[&str]) -> Result<Isolated, Box<dyn std::error::Error>> {
+fn isolated(
+    socket: &std::path::Path,
+    image: &std::path::Path,
+    backend_args: &[&str],
+) -> Result<Isolated, Box<dyn std::error::Error>> {
     let mut backend = spawn_backend(socket, image, backend_args)?;
     let backend_pid = backend.id();
     let sampler = std::thread::spawn(move || {
@@ -177,7 +199,10 @@ fn isolated(socket: &std::path::Path, image: &std::path::Path, backend_args: &[&
     let rss_max_kib = sampler.join().unwrap_or(0);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().find(|l| l.starts_with('{')).ok_or_else(|| {
-        format!("frontend produced no result: {}", String::from_utf8_lossy(&out.stderr))
+        format!(
+            "frontend produced no result: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     })?;
     let get = |k| json_field(line, k).unwrap_or(f64::NAN);
     Ok(Isolated {

@@ -237,7 +237,10 @@ fn run_phase(
                         r.rekicks += 1;
                         if std::env::var_os("RINGFENCE_DEBUG_RINGS").is_some() {
                             if let Some(p) = ringfence_msg_driver::pool() {
-                                eprintln!("overdue: {}", p.debug_words(&[0x102, 0x124, 0x1002, 0x1084]));
+                                eprintln!(
+                                    "overdue: {}",
+                                    p.debug_words(&[0x102, 0x124, 0x1002, 0x1084])
+                                );
                             }
                         }
                         let _ = waiter.kick(0);

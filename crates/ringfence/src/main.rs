@@ -3,6 +3,7 @@
 mod backend;
 mod bench;
 mod frontend;
+mod vhost;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -28,6 +29,8 @@ enum Cmd {
     Frontend(frontend::FrontendArgs),
     /// Start a backend and a frontend process on a temporary image and show it working.
     Demo(DemoArgs),
+    /// Serve a device over vhost-user to QEMU/KVM guests.
+    VhostUser(vhost::VhostUserArgs),
     /// Measure the isolated path against the floor measured in the same run.
     Bench(bench::BenchArgs),
 }
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
         Cmd::Frontend(a) => frontend::run(a),
         Cmd::Demo(a) => demo(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::VhostUser(a) => vhost::run(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,0 +1,347 @@
+//! vhost-user for any Ringfence device model.
+//!
+//! [`VhostUserDevice`] adapts a [`VirtioDevice`] to rust-vmm's
+//! `vhost-user-backend`, so QEMU, crosvm or cloud-hypervisor guests use the same
+//! device models that the virtio-msg transport serves. Nothing here is
+//! device-specific: the device keeps its own feature bits and the adapter adds
+//! only transport ones (VERSION_1, EVENT_IDX, INDIRECT_DESC, ACCESS_PLATFORM).
+//!
+//! In restricted mode ([`MemoryPolicy::SharedWindow`]) the backend refuses a
+//! memory table larger than the window it agreed to serve, so a frontend that
+//! offers all of guest RAM is turned away instead of mapped; every descriptor
+//! outside the regions it was given fails translation and gets an error status.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ringfence_device::{process_queue, DeviceMemory, QueueHandler, QueueStats, VirtioDevice};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
+
+/// vhost-user's own feature bit (VHOST_USER_F_PROTOCOL_FEATURES).
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// Transport features the adapter implements itself.
+pub const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << VIRTIO_F_ACCESS_PLATFORM)
+    | VHOST_USER_F_PROTOCOL_FEATURES;
+
+/// Which guest memory the backend accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryPolicy {
+    /// Classic KVM: the frontend may share all of guest RAM.
+    FullShare,
+    /// Only a window: refuse memory tables larger than this many bytes.
+    SharedWindow {
+        /// Largest total size of all regions.
+        max_bytes: u64,
+    },
+}
+
+/// Errors of the adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserDeviceError {
+    /// The memory table is larger than the window.
+    #[error("memory table of {total} bytes exceeds the {max}-byte shared window")]
+    WindowTooLarge {
+        /// Bytes offered.
+        total: u64,
+        /// Bytes allowed.
+        max: u64,
+    },
+    /// A queue is broken beyond one request.
+    #[error("queue {queue} failed")]
+    Queue {
+        /// Queue index.
+        queue: u16,
+        /// Cause.
+        #[source]
+        source: ringfence_device::QueueFailure,
+    },
+    /// The device model refused to start.
+    #[error("device activation failed")]
+    Activate(#[source] ringfence_device::DeviceError),
+}
+
+impl From<VhostUserDeviceError> for std::io::Error {
+    fn from(e: VhostUserDeviceError) -> Self {
+        std::io::Error::other(e)
+    }
+}
+
+struct Inner {
+    device: Box<dyn VirtioDevice>,
+    acked: u64,
+    active: bool,
+}
+
+/// Counters of the adapter.
+#[derive(Debug, Default)]
+pub struct AdapterStats {
+    /// Memory tables accepted.
+    pub memory_updates: AtomicU64,
+    /// Memory tables refused in restricted mode.
+    pub memory_refused: AtomicU64,
+    /// Queue failures (the queue stops being served until reset).
+    pub queue_failures: AtomicU64,
+}
+
+/// A device model served over vhost-user.
+pub struct VhostUserDevice {
+    inner: Mutex<Inner>,
+    handlers: Vec<Mutex<Option<Box<dyn QueueHandler>>>>,
+    queue_stats: Vec<QueueStats>,
+    memory: Mutex<Option<GuestMemoryAtomic<DeviceMemory>>>,
+    num_queues: usize,
+    max_queue_size: usize,
+    device_features: u64,
+    policy: MemoryPolicy,
+    stats: AdapterStats,
+}
+
+impl VhostUserDevice {
+    /// Wraps `device`.
+    pub fn new(device: Box<dyn VirtioDevice>, policy: MemoryPolicy) -> Arc<Self> {
+        let n = usize::from(device.num_queues());
+        Arc::new(Self {
+            num_queues: n,
+            max_queue_size: usize::from(device.max_queue_size()),
+            device_features: device.device_features(),
+            inner: Mutex::new(Inner {
+                device,
+                acked: 0,
+                active: false,
+            }),
+            handlers: (0..n).map(|_| Mutex::new(None)).collect(),
+            queue_stats: (0..n).map(|_| QueueStats::default()).collect(),
+            memory: Mutex::new(None),
+            policy,
+            stats: AdapterStats::default(),
+        })
+    }
+
+    /// The adapter's counters.
+    pub fn stats(&self) -> &AdapterStats {
+        &self.stats
+    }
+
+    /// Chains processed on queue `q`.
+    pub fn chains(&self, q: usize) -> u64 {
+        self.queue_stats
+            .get(q)
+            .map_or(0, |s| s.chains.load(Ordering::Relaxed))
+    }
+
+    fn lock_inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn deactivate(&self, inner: &mut Inner) {
+        for h in &self.handlers {
+            *h.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        if inner.active {
+            inner.device.reset();
+            inner.active = false;
+        }
+    }
+
+    fn ensure_active(&self) -> Result<(), VhostUserDeviceError> {
+        let mut inner = self.lock_inner();
+        if inner.active {
+            return Ok(());
+        }
+        let acked = inner.acked;
+        let handlers = inner
+            .device
+            .activate(acked)
+            .map_err(VhostUserDeviceError::Activate)?;
+        for (slot, h) in self.handlers.iter().zip(handlers) {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        }
+        inner.active = true;
+        Ok(())
+    }
+
+    fn serve_queue(
+        &self,
+        index: u16,
+        vring: &VringRwLock<GuestMemoryAtomic<DeviceMemory>>,
+    ) -> Result<(), VhostUserDeviceError> {
+        self.ensure_active()?;
+        let Some(mem) = self
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|m| m.memory())
+        else {
+            return Ok(());
+        };
+        let mut slot = self
+            .handlers
+            .get(usize::from(index))
+            .map(|h| h.lock().unwrap_or_else(|p| p.into_inner()));
+        let Some(handler) = slot.as_mut().and_then(|s| s.as_mut()) else {
+            return Ok(()); // a queue the device does not use with these features
+        };
+        let stats = &self.queue_stats[usize::from(index).min(self.queue_stats.len() - 1)];
+        loop {
+            let done = {
+                let mut state = vring.get_mut();
+                process_queue(state.get_queue_mut(), &mem, handler.as_mut(), stats)
+            };
+            let done = match done {
+                Ok(d) => d,
+                Err(source) => {
+                    self.stats.queue_failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(VhostUserDeviceError::Queue {
+                        queue: index,
+                        source,
+                    });
+                }
+            };
+            if done.notify {
+                if let Err(e) = vring.signal_used_queue() {
+                    tracing::warn!(queue = index, error = %e, "used notification failed");
+                }
+            }
+            if !done.more {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for VhostUserDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock<GuestMemoryAtomic<DeviceMemory>>;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.max_queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.device_features | TRANSPORT_FEATURES
+    }
+
+    fn acked_features(&self, features: u64) {
+        let mut inner = self.lock_inner();
+        // A new negotiation: a (re)connected frontend starts from a reset device.
+        self.deactivate(&mut inner);
+        inner.acked = features;
+        tracing::info!(
+            features = format_args!("{features:#x}"),
+            event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+            access_platform = features & (1 << VIRTIO_F_ACCESS_PLATFORM) != 0,
+            "frontend negotiated features"
+        );
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        let mut inner = self.lock_inner();
+        self.deactivate(&mut inner);
+        tracing::info!("device reset by the frontend");
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // vhost-user-backend configures the queues; nothing device-specific.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let inner = self.lock_inner();
+        let len = (size as usize).min(inner.device.config_size());
+        let mut buf = vec![0u8; len];
+        match inner.device.read_config(u64::from(offset), &mut buf) {
+            Ok(()) => buf,
+            Err(e) => {
+                tracing::warn!(error = %e, "config read refused");
+                Vec::new()
+            }
+        }
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+        self.lock_inner()
+            .device
+            .write_config(u64::from(offset), buf)
+            .map_err(std::io::Error::other)
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<DeviceMemory>) -> std::io::Result<()> {
+        let snapshot = mem.memory();
+        let total: u64 = snapshot.iter().map(|r| r.len()).sum();
+        let regions: Vec<String> = snapshot
+            .iter()
+            .map(|r| format!("{:#x}+{:#x}", r.start_addr().0, r.len()))
+            .collect();
+        if let MemoryPolicy::SharedWindow { max_bytes } = self.policy {
+            if total > max_bytes {
+                self.stats.memory_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    total,
+                    max_bytes,
+                    ?regions,
+                    "refusing memory table larger than the shared window"
+                );
+                return Err(VhostUserDeviceError::WindowTooLarge {
+                    total,
+                    max: max_bytes,
+                }
+                .into());
+            }
+            tracing::info!(?regions, total, "serving shared window");
+        } else {
+            tracing::info!(?regions, total, "guest memory mapped (full share)");
+        }
+        drop(snapshot);
+        self.stats.memory_updates.fetch_add(1, Ordering::Relaxed);
+        *self.memory.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread per queue.
+        (0..self.num_queues.min(64)).map(|i| 1u64 << i).collect()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(std::io::Error::other(format!(
+                "unexpected event set {evset:?}"
+            )));
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Err(std::io::Error::other(format!(
+                "event for unknown queue {device_event}"
+            )));
+        };
+        self.serve_queue(device_event, vring).map_err(|e| {
+            tracing::error!(error = %e, "queue stopped");
+            std::io::Error::from(e)
+        })
+    }
+}
