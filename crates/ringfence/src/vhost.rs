@@ -54,6 +54,9 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
     });
     tracing::info!(socket = %args.socket_path.display(), ?policy, "vhost-user backend listening");
     loop {
+        // A fresh daemon per connection: vhost-user-backend keeps ownership
+        // state per daemon, and a new frontend (QEMU restarted, guest rebooted)
+        // must start from scratch; the device model itself persists.
         let mut daemon = VhostUserDaemon::new(
             "ringfence-vhost-user".into(),
             backend.clone(),

@@ -21,6 +21,9 @@ use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 /// vhost-user's own feature bit (VHOST_USER_F_PROTOCOL_FEATURES).
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -320,6 +323,12 @@ impl VhostUserBackend for VhostUserDevice {
     fn queues_per_thread(&self) -> Vec<u64> {
         // One worker thread per queue.
         (0..self.num_queues.min(64)).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without one, a worker thread never leaves its epoll loop and the
+        // daemon of a disconnected frontend cannot be dropped.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
     }
 
     fn handle_event(
