@@ -252,9 +252,12 @@ impl VhostUserBackend for VhostUserDevice {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // QEMU insists on BACKEND_REQ + REPLY_ACK whenever ACCESS_PLATFORM is
+        // offered (it is the IOTLB channel when the guest has a vIOMMU).
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
