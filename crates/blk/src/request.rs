@@ -102,7 +102,7 @@ impl BlkQueue {
                 let mut pos = self.disk_range(sector, total)?;
                 for s in &self.segments {
                     let slice = guest_slice(mem, s)?;
-                    pread_exact(&self.disk.file, &slice, pos)?;
+                    transfer(&self.disk.file, &slice, pos, Direction::Read)?;
                     pos = pos.saturating_add(u64::from(s.len));
                 }
                 self.disk
@@ -119,7 +119,7 @@ impl BlkQueue {
                 let mut pos = self.disk_range(sector, total)?;
                 for s in &self.segments {
                     let slice = guest_slice(mem, s)?;
-                    pwrite_all(&self.disk.file, &slice, pos)?;
+                    transfer(&self.disk.file, &slice, pos, Direction::Write)?;
                     pos = pos.saturating_add(u64::from(s.len));
                 }
                 self.disk
@@ -223,26 +223,40 @@ fn guest_slice<'m>(mem: &'m DeviceMemory, s: &Segment) -> Result<VolatileSlice<'
         .map_err(|_| ReqError::Invalid("buffer outside shared memory"))
 }
 
-fn pread_exact(
+#[derive(Clone, Copy)]
+enum Direction {
+    /// Image to shared memory.
+    Read,
+    /// Shared memory to image.
+    Write,
+}
+
+/// Moves all of `slice` between the image at `offset` and shared memory with
+/// pread/pwrite straight on the shared pages (no bounce in the backend).
+fn transfer(
     file: &std::fs::File,
     slice: &VolatileSlice<'_, ()>,
     mut offset: u64,
+    dir: Direction,
 ) -> Result<(), ReqError> {
     let guard = slice.ptr_guard_mut();
     let base = guard.as_ptr();
     let mut done = 0usize;
     while done < slice.len() {
-        // SAFETY: `base..base+len` is a live mapping of shared memory owned by
-        // `slice` for the duration of this call; the kernel writes at most
-        // `len - done` bytes into it. The peer may write it concurrently, which
-        // only affects the bytes it receives.
+        let (ptr, len, off) = (
+            base.wrapping_add(done).cast(),
+            slice.len() - done,
+            offset as libc::off_t,
+        );
+        // SAFETY: `base..base+len` is a live mapping of shared memory borrowed
+        // through `slice` for the duration of this call, and the kernel touches
+        // at most `len - done` bytes from `base + done`. The peer may change
+        // the bytes concurrently, which only affects the data it gets.
         let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                base.add(done).cast(),
-                slice.len() - done,
-                offset as libc::off_t,
-            )
+            match dir {
+                Direction::Read => libc::pread(file.as_raw_fd(), ptr, len, off),
+                Direction::Write => libc::pwrite(file.as_raw_fd(), ptr, len, off),
+            }
         };
         if n < 0 {
             let e = std::io::Error::last_os_error();
@@ -252,39 +266,7 @@ fn pread_exact(
             return Err(ReqError::Io(e));
         }
         if n == 0 {
-            return Err(ReqError::Invalid("unexpected end of image"));
-        }
-        done += n as usize;
-        offset = offset.saturating_add(n as u64);
-    }
-    Ok(())
-}
-
-fn pwrite_all(
-    file: &std::fs::File,
-    slice: &VolatileSlice<'_, ()>,
-    mut offset: u64,
-) -> Result<(), ReqError> {
-    let guard = slice.ptr_guard();
-    let base = guard.as_ptr();
-    let mut done = 0usize;
-    while done < slice.len() {
-        // SAFETY: `base..base+len` is a live mapping owned by `slice`; the
-        // kernel only reads from it.
-        let n = unsafe {
-            libc::pwrite(
-                file.as_raw_fd(),
-                base.add(done).cast(),
-                slice.len() - done,
-                offset as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(ReqError::Io(e));
+            return Err(ReqError::Invalid("no progress at the end of the image"));
         }
         done += n as usize;
         offset = offset.saturating_add(n as u64);

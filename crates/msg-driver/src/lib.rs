@@ -466,34 +466,7 @@ impl Transport for MsgTransport {
     }
 
     fn notify(&mut self, queue: u16) {
-        let kick = self
-            .shared
-            .kicks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(usize::from(queue))
-            .cloned()
-            .flatten();
-        let r = match kick {
-            Some(db) => db.ring().map_err(DriverError::from),
-            None => {
-                let mut out = self.out.borrow_mut();
-                Message {
-                    dev_num: self.shared.dev_num,
-                    token: 0,
-                    body: Body::EventAvail {
-                        vq_index: u32::from(queue),
-                        next_offset: 0,
-                    },
-                }
-                .encode(&mut out)
-                .map_err(|e| DriverError::Unexpected {
-                    what: "EVENT_AVAIL",
-                    detail: e.to_string(),
-                })
-                .and_then(|n| Ok(self.shared.bus.send(out.get(..n).unwrap_or(&[]))?))
-            }
-        };
+        let r = self.waiter().kick(queue);
         self.record(r)
     }
 
