@@ -11,7 +11,7 @@
 //! offers all of guest RAM is turned away instead of mapped; every descriptor
 //! outside the regions it was given fails translation and gets an error status.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ringfence_device::{process_queue, DeviceMemory, QueueHandler, QueueStats, VirtioDevice};
@@ -100,6 +100,8 @@ pub struct VhostUserDevice {
     inner: Mutex<Inner>,
     handlers: Vec<Mutex<Option<Box<dyn QueueHandler>>>>,
     queue_stats: Vec<QueueStats>,
+    /// Queues the guest broke (bad ring index...): left alone until reset.
+    broken: Vec<AtomicBool>,
     memory: Mutex<Option<GuestMemoryAtomic<DeviceMemory>>>,
     num_queues: usize,
     max_queue_size: usize,
@@ -123,6 +125,7 @@ impl VhostUserDevice {
             }),
             handlers: (0..n).map(|_| Mutex::new(None)).collect(),
             queue_stats: (0..n).map(|_| QueueStats::default()).collect(),
+            broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
             memory: Mutex::new(None),
             policy,
             stats: AdapterStats::default(),
@@ -148,6 +151,9 @@ impl VhostUserDevice {
     fn deactivate(&self, inner: &mut Inner) {
         for h in &self.handlers {
             *h.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        for b in &self.broken {
+            b.store(false, Ordering::Relaxed);
         }
         if inner.active {
             inner.device.reset();
@@ -177,6 +183,13 @@ impl VhostUserDevice {
         index: u16,
         vring: &VringRwLock<GuestMemoryAtomic<DeviceMemory>>,
     ) -> Result<(), VhostUserDeviceError> {
+        if self
+            .broken
+            .get(usize::from(index))
+            .is_some_and(|b| b.load(Ordering::Relaxed))
+        {
+            return Ok(());
+        }
         self.ensure_active()?;
         let Some(mem) = self
             .memory
@@ -351,9 +364,12 @@ impl VhostUserBackend for VhostUserDevice {
                 "event for unknown queue {device_event}"
             )));
         };
-        self.serve_queue(device_event, vring).map_err(|e| {
-            tracing::error!(error = %e, "queue stopped");
-            std::io::Error::from(e)
-        })
+        // A queue the guest broke stops being served until the next reset, but
+        // the worker thread (and every other queue) carries on: an error here
+        // would end the thread for good.
+        if let Err(e) = self.serve_queue(device_event, vring) {
+            tracing::error!(error = %e, "queue stopped until the device is reset");
+        }
+        Ok(())
     }
 }

@@ -293,3 +293,41 @@ fn restricted_mode_refuses_a_memory_table_beyond_the_window() {
     daemon.join().unwrap();
     let _ = std::fs::remove_file(&img);
 }
+
+#[test]
+fn a_broken_ring_stops_that_queue_not_the_daemon() {
+    let img = image("broken");
+    let socket = std::env::temp_dir().join(format!("ringfence-vu-b-{}.sock", std::process::id()));
+    let backend = VhostUserDevice::new(
+        Box::new(Blk::open(&img, BlkOptions::default()).unwrap()),
+        MemoryPolicy::FullShare,
+    );
+    let daemon = start_daemon(&socket, backend.clone(), 2);
+    let guest = Guest::new();
+    let drv = connect(&socket, &guest, MEM as u64).unwrap();
+    // An avail index 1000 entries ahead of a 16-entry ring.
+    guest.write(AVAIL + 2, &1000u16.to_le_bytes());
+    drv.kick.write(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backend
+        .stats()
+        .queue_failures
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "broken ring not detected");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        guest.u16_at(USED + 2),
+        0,
+        "nothing may be used from a broken ring"
+    );
+    drop(drv);
+    // A new frontend (the guest rebooted) is served normally.
+    let mut drv = connect(&socket, &guest, MEM as u64).unwrap();
+    assert_eq!(drv.read(&guest, 9, GPA + DATA as u64), 0);
+    drop(drv);
+    daemon.join().unwrap();
+    let _ = std::fs::remove_file(&img);
+}
