@@ -369,12 +369,14 @@ impl Doorbell for EventFdDoorbell {
     }
 
     fn wait(&self, timeout: Option<Duration>) -> Result<bool, BusError> {
+        // poll first: it returns at once when already rung, and saves a read
+        // that would only say EAGAIN on the common path of a sleeping waiter.
         loop {
-            if self.try_clear()? {
-                return Ok(true);
-            }
             if !poll_readable(self.0.as_raw_fd(), timeout)? {
                 return Ok(false);
+            }
+            if self.try_clear()? {
+                return Ok(true);
             }
         }
     }

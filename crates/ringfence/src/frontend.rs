@@ -44,8 +44,10 @@ pub struct FrontendArgs {
     /// Benchmark mode: no writes, random 4 KiB QD1 / QD16 reads and 128 KiB sequential reads.
     #[arg(long)]
     pub bench: bool,
-    /// Microseconds to poll the used ring before sleeping on the notification (0: never poll).
-    #[arg(long, default_value_t = 32)]
+    /// Microseconds to poll the used ring before sleeping on the notification
+    /// (0, the default: interrupt-driven, like Linux's drivers; polling on both
+    /// sides of a 2-CPU machine makes the two spinners fight for the CPUs).
+    #[arg(long, default_value_t = 0)]
     pub poll_us: u64,
     /// Print the report as one JSON line.
     #[arg(long)]
