@@ -475,7 +475,12 @@ impl DriverBus for LocalDriverBus {
         if !self.limits.doorbells {
             return Ok(None);
         }
-        let db = EventFdDoorbell::new().map_err(|e| BusError::io("eventfd", e))?;
+        // The device side sleeps on a kick without a timeout: make that one read.
+        let db = match direction {
+            DoorbellDirection::ToDevice => EventFdDoorbell::new_blocking(),
+            DoorbellDirection::ToDriver => EventFdDoorbell::new(),
+        }
+        .map_err(|e| BusError::io("eventfd", e))?;
         struct Fd(i32);
         impl AsRawFd for Fd {
             fn as_raw_fd(&self) -> i32 {

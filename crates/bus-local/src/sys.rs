@@ -328,8 +328,16 @@ impl EventFdDoorbell {
         Ok(Self(EventFd::new(EFD_NONBLOCK)?))
     }
 
+    /// A new, unrung doorbell whose `wait(None)` is one blocking read (for the
+    /// side that sleeps on it without a timeout).
+    pub fn new_blocking() -> io::Result<Self> {
+        Ok(Self(EventFd::new(0)?))
+    }
+
     /// Wraps a descriptor received from the peer after checking that it is an
-    /// eventfd, and makes it non-blocking so a peer cannot make us hang in read.
+    /// eventfd. Blocking or not, it cannot hang us: `wait(None)` is only used
+    /// by a waiter that is woken by ringing this same doorbell, and every
+    /// other read is preceded by poll.
     pub fn from_peer(file: File) -> Result<Self, String> {
         let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
             .map_err(|e| format!("cannot inspect doorbell descriptor: {e}"))?;
@@ -338,16 +346,6 @@ impl EventFdDoorbell {
                 "doorbell descriptor is {}, not an eventfd",
                 link.display()
             ));
-        }
-        // SAFETY: fcntl on a descriptor we own.
-        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-        if flags < 0 {
-            return Err("cannot read doorbell flags".into());
-        }
-        // SAFETY: fcntl on a descriptor we own with an integer argument.
-        let set = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
-        if set < 0 {
-            return Err("cannot make doorbell non-blocking".into());
         }
         // SAFETY: we own the descriptor, checked above to be an eventfd.
         Ok(Self(unsafe {
@@ -369,9 +367,16 @@ impl Doorbell for EventFdDoorbell {
     }
 
     fn wait(&self, timeout: Option<Duration>) -> Result<bool, BusError> {
-        // poll first: it returns at once when already rung, and saves a read
-        // that would only say EAGAIN on the common path of a sleeping waiter.
         loop {
+            if timeout.is_none() {
+                // One read when the descriptor blocks; EAGAIN when it does not.
+                match self.0.read() {
+                    Ok(_) => return Ok(true),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(BusError::io("eventfd read", e)),
+                }
+            }
             if !poll_readable(self.0.as_raw_fd(), timeout)? {
                 return Ok(false);
             }
@@ -382,6 +387,10 @@ impl Doorbell for EventFdDoorbell {
     }
 
     fn try_clear(&self) -> Result<bool, BusError> {
+        // poll first: the descriptor may be blocking.
+        if !poll_readable(self.0.as_raw_fd(), Some(Duration::ZERO))? {
+            return Ok(false);
+        }
         match self.0.read() {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),

@@ -568,14 +568,24 @@ impl DeviceTransport {
     }
 }
 
-/// The internal kick used when EVENT_AVAIL arrives in-band.
+/// The internal kick used when EVENT_AVAIL arrives in-band: a blocking
+/// eventfd, so the worker sleeps in one read.
 struct InbandKick(vmm_sys_util::eventfd::EventFd);
 
 impl InbandKick {
     fn new() -> std::io::Result<Self> {
-        Ok(Self(vmm_sys_util::eventfd::EventFd::new(
-            vmm_sys_util::eventfd::EFD_NONBLOCK,
-        )?))
+        Ok(Self(vmm_sys_util::eventfd::EventFd::new(0)?))
+    }
+
+    fn readable(&self, timeout_ms: i32) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: pfd is a valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, timeout_ms) > 0 }
     }
 }
 
@@ -585,11 +595,20 @@ impl Doorbell for InbandKick {
             .write(1)
             .map_err(|e| ringfence_bus::BusError::io("eventfd write", e))
     }
-    fn wait(&self, _timeout: Option<std::time::Duration>) -> Result<bool, ringfence_bus::BusError> {
-        Ok(self.0.read().is_ok())
+    fn wait(&self, timeout: Option<std::time::Duration>) -> Result<bool, ringfence_bus::BusError> {
+        match timeout {
+            None => self
+                .0
+                .read()
+                .map(|_| true)
+                .map_err(|e| ringfence_bus::BusError::io("eventfd read", e)),
+            Some(t) => Ok(
+                self.readable(t.as_millis().min(i32::MAX as u128) as i32) && self.try_clear()?
+            ),
+        }
     }
     fn try_clear(&self) -> Result<bool, ringfence_bus::BusError> {
-        Ok(self.0.read().is_ok())
+        Ok(self.readable(0) && self.0.read().is_ok())
     }
     fn pollable_fd(&self) -> Option<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;

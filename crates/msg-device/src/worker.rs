@@ -1,6 +1,5 @@
 //! One thread per active queue: wait for a kick, process, notify.
 
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -11,11 +10,11 @@ use ringfence_device::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// A running queue worker.
 pub(crate) struct Worker {
-    stop: EventFd,
+    stop: Arc<AtomicBool>,
+    kick: Arc<dyn Doorbell>,
     thread: Option<JoinHandle<Queue>>,
 }
 
@@ -32,53 +31,33 @@ pub(crate) struct WorkerCtx {
     pub poll: std::time::Duration,
 }
 
-fn poll2(a: RawFd, b: RawFd) -> std::io::Result<(bool, bool)> {
-    let mut fds = [
-        libc::pollfd {
-            fd: a,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: fds is a valid array of two pollfds for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        let ready = |p: &libc::pollfd| p.revents != 0;
-        return Ok((ready(&fds[0]), ready(&fds[1])));
-    }
-}
-
 impl Worker {
     pub(crate) fn spawn(mut ctx: WorkerCtx) -> std::io::Result<Worker> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let stop_fd = stop.try_clone()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let kick = ctx.kick.clone();
+        let stop_flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vq{}", ctx.index))
             .spawn(move || {
-                ctx.run(&stop_fd);
+                ctx.run(&stop_flag);
                 ctx.queue
             })?;
         Ok(Worker {
             stop,
+            kick,
             thread: Some(thread),
         })
     }
 
+    fn signal_stop(&self) {
+        // The worker sleeps on its kick doorbell: ring it to wake it up.
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.kick.ring();
+    }
+
     /// Stops the worker and returns its queue.
     pub(crate) fn stop(mut self) -> Option<Queue> {
-        let _ = self.stop.write(1);
+        self.signal_stop();
         self.thread.take().and_then(|t| t.join().ok())
     }
 }
@@ -86,33 +65,26 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         if let Some(t) = self.thread.take() {
-            let _ = self.stop.write(1);
+            self.signal_stop();
             let _ = t.join();
         }
     }
 }
 
 impl WorkerCtx {
-    fn run(&mut self, stop: &EventFd) {
-        let Some(kick_fd) = self.kick.pollable_fd() else {
-            tracing::error!(queue = self.index, "doorbell without a pollable fd");
-            return;
-        };
+    fn run(&mut self, stop: &AtomicBool) {
         // Buffers may already be waiting (the driver kicked before DRIVER_OK completed).
         let mut pending = true;
         loop {
             if !pending {
-                match poll2(kick_fd, stop.as_raw_fd()) {
-                    Ok((_, true)) => return,
-                    Ok((true, _)) => {}
-                    Ok((false, false)) => continue,
-                    Err(e) => {
-                        tracing::error!(queue = self.index, error = %e, "poll failed");
-                        return;
-                    }
+                if let Err(e) = self.kick.wait(None) {
+                    tracing::error!(queue = self.index, error = %e, "waiting for a kick failed");
+                    return;
                 }
             }
-            let _ = self.kick.try_clear();
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
             let mem = self.memory.memory();
             match process_queue(&mut self.queue, &mem, self.handler.as_mut(), &self.stats) {
                 Ok(done) => {
@@ -132,7 +104,9 @@ impl WorkerCtx {
                     self.needs_reset.store(true, Ordering::SeqCst);
                     let _ = self.interrupt.trigger(InterruptKind::Config);
                     // Stay parked until reset: the queue is not touched again.
-                    let _ = poll2(stop.as_raw_fd(), stop.as_raw_fd());
+                    while !stop.load(Ordering::SeqCst) {
+                        let _ = self.kick.wait(Some(std::time::Duration::from_millis(100)));
+                    }
                     return;
                 }
             }
