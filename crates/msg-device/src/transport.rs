@@ -453,7 +453,7 @@ impl DeviceTransport {
                 Body::DeviceFeatures {
                     block_index,
                     features: Words::from_bytes(bytes)
-                        .unwrap_or(Words::from_bytes(&[]).expect("empty is aligned")),
+                        .unwrap_or(Words::EMPTY),
                 }
             }
             Body::SetDriverFeatures {

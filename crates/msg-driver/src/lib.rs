@@ -439,7 +439,7 @@ impl Transport for MsgTransport {
         bytes[..4].copy_from_slice(&(driver_features as u32).to_le_bytes());
         bytes[4..].copy_from_slice(&((driver_features >> 32) as u32).to_le_bytes());
         let features = Words::from_bytes(&bytes)
-            .unwrap_or(Words::from_bytes(&[]).unwrap_or_else(|| unreachable!()));
+            .unwrap_or(Words::EMPTY);
         let r = self.request(
             "SET_DRIVER_FEATURES",
             Body::SetDriverFeatures {
@@ -651,10 +651,24 @@ impl Transport for MsgTransport {
 
 static POOL: OnceLock<BouncePool> = OnceLock::new();
 
-/// Installs the process's bounce pool (one window per VM pair). Fails if one is installed.
-pub fn install_pool(pool: BouncePool) -> Result<&'static BouncePool, BouncePool> {
-    POOL.set(pool)?;
-    POOL.get().ok_or_else(|| unreachable!())
+/// A bounce pool was already installed in this process.
+#[derive(Debug, thiserror::Error)]
+#[error("a bounce pool is already installed (one window per frontend process)")]
+pub struct PoolAlreadyInstalled;
+
+/// Installs the process's bounce pool (one window per VM pair, since
+/// `virtio-drivers`' `Hal` has no `self`).
+pub fn install_pool(pool: BouncePool) -> Result<&'static BouncePool, PoolAlreadyInstalled> {
+    let mut fresh = false;
+    let installed = POOL.get_or_init(|| {
+        fresh = true;
+        pool
+    });
+    if fresh {
+        Ok(installed)
+    } else {
+        Err(PoolAlreadyInstalled)
+    }
 }
 
 /// The installed pool.

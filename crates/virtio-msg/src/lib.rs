@@ -113,6 +113,9 @@ pub enum EncodeError {
 pub struct Words<'a>(&'a [u8]);
 
 impl<'a> Words<'a> {
+    /// No words.
+    pub const EMPTY: Words<'static> = Words(&[]);
+
     /// Wraps raw bytes; their length must be a multiple of 4.
     pub fn from_bytes(bytes: &'a [u8]) -> Option<Self> {
         bytes.len().is_multiple_of(4).then_some(Self(bytes))
