@@ -452,8 +452,7 @@ impl DeviceTransport {
                     feature_blocks(self.offered_features(), block_index, &mut scratch[..n * 4]);
                 Body::DeviceFeatures {
                     block_index,
-                    features: Words::from_bytes(bytes)
-                        .unwrap_or(Words::EMPTY),
+                    features: Words::from_bytes(bytes).unwrap_or(Words::EMPTY),
                 }
             }
             Body::SetDriverFeatures {

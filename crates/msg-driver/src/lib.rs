@@ -438,8 +438,7 @@ impl Transport for MsgTransport {
         let mut bytes = [0u8; 8];
         bytes[..4].copy_from_slice(&(driver_features as u32).to_le_bytes());
         bytes[4..].copy_from_slice(&((driver_features >> 32) as u32).to_le_bytes());
-        let features = Words::from_bytes(&bytes)
-            .unwrap_or(Words::EMPTY);
+        let features = Words::from_bytes(&bytes).unwrap_or(Words::EMPTY);
         let r = self.request(
             "SET_DRIVER_FEATURES",
             Body::SetDriverFeatures {

@@ -40,8 +40,10 @@ pub struct BackendArgs {
     /// Carry EVENT_AVAIL/EVENT_USED in-band instead of eventfd doorbells.
     #[arg(long)]
     pub no_doorbells: bool,
-    /// Microseconds a queue worker keeps polling for new requests before sleeping (0: never poll).
-    #[arg(long, default_value_t = 32)]
+    /// Microseconds a queue worker keeps polling for new requests before
+    /// sleeping (0, the default: sleep on every doorbell; polling trades a CPU
+    /// for latency, which a 2-CPU machine cannot spare).
+    #[arg(long, default_value_t = 0)]
     pub poll_us: u64,
     /// Exit after the first frontend disconnects.
     #[arg(long)]
