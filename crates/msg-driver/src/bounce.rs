@@ -184,21 +184,6 @@ impl BouncePool {
         Ok((addr, slice.ptr_guard_mut().as_ptr()))
     }
 
-    /// Reads little-endian u16 values at window offsets (for debugging rings).
-    pub fn debug_words(&self, offsets: &[usize]) -> String {
-        offsets
-            .iter()
-            .map(|&o| {
-                let mut b = [0u8; 2];
-                if let Some(w) = self.window(o, 2) {
-                    w.copy_to(&mut b[..]);
-                }
-                format!("{o:#x}={}", u16::from_le_bytes(b))
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
     /// Frees an allocation by its device address.
     pub fn free(&self, addr: u64) -> Result<(), BounceError> {
         let (id, offset) = split_area_addr(addr);

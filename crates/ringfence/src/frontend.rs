@@ -237,14 +237,6 @@ fn run_phase(
                     Ok(false) if disk.peek_used().is_some() => break,
                     Ok(false) if Instant::now() < deadline => {
                         r.rekicks += 1;
-                        if std::env::var_os("RINGFENCE_DEBUG_RINGS").is_some() {
-                            if let Some(p) = ringfence_msg_driver::pool() {
-                                eprintln!(
-                                    "overdue: {}",
-                                    p.debug_words(&[0x102, 0x124, 0x1002, 0x1084])
-                                );
-                            }
-                        }
                         let _ = waiter.kick(0);
                     }
                     Ok(false) => {
