@@ -292,9 +292,9 @@ fn malformed_messages_are_dropped_and_counted() {
     assert!(stats.contains("unexpected=1"), "{stats}");
 }
 
-/// A hand-built driver: rings in the window, one request at a time.
+/// A hand-built driver queue: rings in the window, one request at a time.
 struct RawQueue {
-    pool: BouncePool,
+    index: u16,
     avail: u64,
     used: u64,
     desc_ptr: *mut u8,
@@ -324,7 +324,7 @@ impl RawQueue {
             std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             std::ptr::write_volatile(self.avail_ptr.add(2).cast::<u16>(), self.next);
         }
-        t.notify(0);
+        t.notify(self.index);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let idx = unsafe { std::ptr::read_volatile(self.used_ptr.add(2).cast::<u16>()) };
@@ -340,7 +340,13 @@ impl RawQueue {
     }
 }
 
-fn raw_device(socket: &Path) -> (MsgTransport, RawQueue, Arc<dyn DriverBus>) {
+/// Initialises the device by hand with `queues` queues in a 1 MiB window,
+/// accepting VERSION_1 plus `features`.
+fn raw_device(
+    socket: &Path,
+    queues: u16,
+    features: u64,
+) -> (MsgTransport, BouncePool, Vec<RawQueue>, Arc<dyn DriverBus>) {
     let bus = raw_bus(socket);
     let dev = discover(bus.as_ref()).unwrap()[0];
     let window = bus.share_area(1 << 20).unwrap();
@@ -348,14 +354,26 @@ fn raw_device(socket: &Path) -> (MsgTransport, RawQueue, Arc<dyn DriverBus>) {
     let mut t = MsgTransport::new(bus.clone(), dev).unwrap();
     t.set_status(DeviceStatus::empty());
     t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
-    t.write_driver_features(1 << 32);
+    t.write_driver_features((1 << 32) | features);
     t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
-    let (desc, desc_ptr) = pool.alloc(4096, 4096).unwrap();
-    let (avail, avail_ptr) = (desc + 16 * QSIZE as u64, unsafe {
-        desc_ptr.add(16 * QSIZE as usize)
-    });
-    let (used, used_ptr) = (desc + 2048, unsafe { desc_ptr.add(2048) });
-    t.queue_set(0, QSIZE, desc, avail, used);
+    let mut raw = Vec::new();
+    for index in 0..queues {
+        let (desc, desc_ptr) = pool.alloc(4096, 4096).unwrap();
+        let (avail, avail_ptr) = (desc + 16 * QSIZE as u64, unsafe {
+            desc_ptr.add(16 * QSIZE as usize)
+        });
+        let (used, used_ptr) = (desc + 2048, unsafe { desc_ptr.add(2048) });
+        t.queue_set(index, QSIZE, desc, avail, used);
+        raw.push(RawQueue {
+            index,
+            avail,
+            used,
+            desc_ptr,
+            avail_ptr,
+            used_ptr,
+            next: 0,
+        });
+    }
     t.set_status(
         DeviceStatus::ACKNOWLEDGE
             | DeviceStatus::DRIVER
@@ -363,17 +381,70 @@ fn raw_device(socket: &Path) -> (MsgTransport, RawQueue, Arc<dyn DriverBus>) {
             | DeviceStatus::DRIVER_OK,
     );
     assert!(t.take_failure().is_none());
-    let q = RawQueue {
-        pool,
-        avail,
-        used,
-        desc_ptr,
-        avail_ptr,
-        used_ptr,
-        next: 0,
-    };
-    let _ = (q.avail, q.used);
-    (t, q, bus)
+    (t, pool, raw, bus)
+}
+
+#[test]
+fn multiqueue_requests_are_served_by_one_worker_per_queue() {
+    let env = Env::new("mq");
+    let image = env.image(1);
+    std::fs::write(
+        &image,
+        (0..2048u32)
+            .flat_map(|s| [s as u8; 512])
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let be = Command::new(BIN)
+        .args(["backend", "--once", "--socket-path"])
+        .arg(env.socket())
+        .args(["blk", "--num-queues", "2", "--image"])
+        .arg(&image)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !env.socket().exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // VIRTIO_BLK_F_MQ (bit 12) accepted: both queues are live.
+    let (mut t, pool, mut queues, bus) = raw_device(&env.socket(), 2, 1 << 12);
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", be.id()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    assert!(
+        threads.iter().any(|c| c == "vq0") && threads.iter().any(|c| c == "vq1"),
+        "{threads:?}"
+    );
+    for (i, q) in queues.iter_mut().enumerate() {
+        let (hdr, hdr_ptr) = pool.alloc(16, 16).unwrap();
+        let (data, data_ptr) = pool.alloc(512, 512).unwrap();
+        let (status, status_ptr) = pool.alloc(1, 1).unwrap();
+        let sector = 100 + i as u64;
+        unsafe {
+            std::ptr::write_bytes(hdr_ptr, 0, 16);
+            std::ptr::copy_nonoverlapping(sector.to_le_bytes().as_ptr(), hdr_ptr.add(8), 8);
+            std::ptr::write_volatile(status_ptr, 0xFF);
+        }
+        let used = q.submit(
+            &mut t,
+            &[(hdr, 16, false), (data, 512, true), (status, 1, true)],
+        );
+        assert_eq!(
+            (unsafe { std::ptr::read_volatile(status_ptr) }, used),
+            (0, 513),
+            "queue {i}"
+        );
+        assert!(
+            (0..512).all(|j| unsafe { std::ptr::read_volatile(data_ptr.add(j)) } == sector as u8)
+        );
+    }
+    drop((t, bus, pool));
+    finish(be);
 }
 
 #[test]
@@ -382,17 +453,18 @@ fn descriptor_outside_the_window_gets_ioerr_and_backend_keeps_serving() {
     let image = env.image(1);
     std::fs::write(&image, vec![0x5Au8; 1 << 20]).unwrap();
     let be = backend(&env.socket(), &image, &[]);
-    let (mut t, mut q, bus) = raw_device(&env.socket());
-    let (hdr, hdr_ptr) = q.pool.alloc(16, 16).unwrap();
-    let (data, data_ptr) = q.pool.alloc(512, 512).unwrap();
-    let (status, status_ptr) = q.pool.alloc(1, 1).unwrap();
+    let (mut t, pool, mut queues, bus) = raw_device(&env.socket(), 1, 0);
+    let q = &mut queues[0];
+    let (hdr, hdr_ptr) = pool.alloc(16, 16).unwrap();
+    let (data, data_ptr) = pool.alloc(512, 512).unwrap();
+    let (status, status_ptr) = pool.alloc(1, 1).unwrap();
     unsafe { std::ptr::write_bytes(hdr_ptr, 0, 16) }; // IN, sector 0
     let status_of = || unsafe { std::ptr::read_volatile(status_ptr) };
 
     // Data buffer in an area that was never shared, and one far past the window's end.
     for outside in [
         area_addr(7, 0x1000).unwrap(),
-        area_addr(q.pool.area_id(), 64 << 20).unwrap(),
+        area_addr(pool.area_id(), 64 << 20).unwrap(),
         0x1000,
     ] {
         unsafe { std::ptr::write_volatile(status_ptr, 0xFF) };
@@ -447,6 +519,6 @@ fn descriptor_outside_the_window_gets_ioerr_and_backend_keeps_serving() {
     assert!(ping(bus.as_ref(), 5));
     drop(t);
     drop(bus);
-    drop(q);
+    drop((queues, pool));
     finish(be);
 }
