@@ -411,15 +411,26 @@ fn multiqueue_requests_are_served_by_one_worker_per_queue() {
     }
     // VIRTIO_BLK_F_MQ (bit 12) accepted: both queues are live.
     let (mut t, pool, mut queues, bus) = raw_device(&env.socket(), 2, 1 << 12);
-    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", be.id()))
-        .unwrap()
-        .filter_map(|e| std::fs::read_to_string(e.unwrap().path().join("comm")).ok())
-        .map(|c| c.trim().to_string())
-        .collect();
-    assert!(
-        threads.iter().any(|c| c == "vq0") && threads.iter().any(|c| c == "vq1"),
-        "{threads:?}"
-    );
+    // A new thread names itself once it runs: give both a moment.
+    let names = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/task", be.id()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.unwrap().path().join("comm")).ok())
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let threads = names();
+        if threads.iter().any(|c| c == "vq0") && threads.iter().any(|c| c == "vq1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no worker per queue: {threads:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     for (i, q) in queues.iter_mut().enumerate() {
         let (hdr, hdr_ptr) = pool.alloc(16, 16).unwrap();
         let (data, data_ptr) = pool.alloc(512, 512).unwrap();
