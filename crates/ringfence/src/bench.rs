@@ -137,8 +137,8 @@ pub fn run(args: BenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
     println!("  128 KiB: pread {pread128:.1} us + copy {copy128:.1} us -> copy-bound {serial_mib_s:.0} MiB/s serial, {pipelined_mib_s:.0} MiB/s pipelined");
     let mut ok = true;
     for (label, poll) in [
-        ("backend waits for every doorbell (--poll-us 0)", "0"),
-        ("backend polls 32 us before sleeping (default)", "32"),
+        ("backend sleeps on every doorbell (default, --poll-us 0)", "0"),
+        ("backend polls 32 us before sleeping (--poll-us 32)", "32"),
     ] {
         let r = isolated(&socket, &image, &["--poll-us", poll])?;
         ok &= r.ok;
