@@ -137,7 +137,10 @@ pub fn run(args: BenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
     println!("  128 KiB: pread {pread128:.1} us + copy {copy128:.1} us -> copy-bound {serial_mib_s:.0} MiB/s serial, {pipelined_mib_s:.0} MiB/s pipelined");
     let mut ok = true;
     for (label, poll) in [
-        ("backend sleeps on every doorbell (default, --poll-us 0)", "0"),
+        (
+            "backend sleeps on every doorbell (default, --poll-us 0)",
+            "0",
+        ),
         ("backend polls 32 us before sleeping (--poll-us 32)", "32"),
     ] {
         let r = isolated(&socket, &image, &["--poll-us", poll])?;
