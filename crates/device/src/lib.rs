@@ -140,27 +140,20 @@ pub fn process_queue(
     stats: &QueueStats,
 ) -> Result<Processed, QueueFailure> {
     let mut processed = 0usize;
-    let size = usize::from(queue.size());
-    let mut batch: Vec<Chain<'_>> = Vec::with_capacity(size);
     loop {
         if queue.event_idx_enabled() {
             queue.disable_notification(mem)?;
         }
-        loop {
-            batch.clear();
-            batch.extend(queue.iter(mem)?.take(size));
-            if batch.is_empty() {
+        // One chain at a time: no allocation on the data path, and a broken
+        // avail index surfaces as an error instead of an empty queue.
+        while processed < MAX_CHAINS_PER_CALL {
+            let Some(chain) = queue.iter(mem)?.next() else {
                 break;
-            }
-            for chain in batch.drain(..) {
-                let head = chain.head_index();
-                let used = handler.handle_chain(chain, mem);
-                queue.add_used(mem, head, used)?;
-                processed = processed.saturating_add(1);
-            }
-            if processed >= MAX_CHAINS_PER_CALL {
-                break;
-            }
+            };
+            let head = chain.head_index();
+            let used = handler.handle_chain(chain, mem);
+            queue.add_used(mem, head, used)?;
+            processed = processed.saturating_add(1);
         }
         // With EVENT_IDX, re-enable and re-check so a buffer added meanwhile is not missed.
         if processed >= MAX_CHAINS_PER_CALL

@@ -207,7 +207,9 @@ impl VhostUserDevice {
         let Some(handler) = slot.as_mut().and_then(|s| s.as_mut()) else {
             return Ok(()); // a queue the device does not use with these features
         };
-        let stats = &self.queue_stats[usize::from(index).min(self.queue_stats.len() - 1)];
+        let Some(stats) = self.queue_stats.get(usize::from(index)) else {
+            return Ok(());
+        };
         loop {
             let done = {
                 let mut state = vring.get_mut();
