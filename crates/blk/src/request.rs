@@ -5,7 +5,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ringfence_device::{Chain, DeviceMemory, QueueHandler};
+use ringfence_device::{walk_chain, Chain, ChainError, DeviceMemory, QueueHandler, Segment};
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
@@ -20,7 +20,7 @@ pub struct RequestStats {
     pub ioerr: AtomicU64,
     /// Requests completed with UNSUPP.
     pub unsupp: AtomicU64,
-    /// Chains so malformed that no status could be written.
+    /// Chains so malformed that no status could be written (each one broke its queue).
     pub unanswerable: AtomicU64,
     /// Bytes read from the image.
     pub bytes_read: AtomicU64,
@@ -38,28 +38,121 @@ enum ReqError {
     Io(#[source] std::io::Error),
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Segment {
-    addr: GuestAddress,
-    len: u32,
-    writable: bool,
-}
-
 /// The request handler of one queue.
 #[derive(Debug)]
 pub struct BlkQueue {
     disk: Arc<Disk>,
+    /// The whole chain as the driver built it.
+    descriptors: Vec<Segment>,
+    /// The request's data: device-readable bytes after the header, then
+    /// device-writable bytes before the status byte.
     segments: Vec<Segment>,
     max_descriptors: usize,
 }
+
+/// Header of a virtio-blk request, copied out of shared memory.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    req_type: u32,
+    sector: u64,
+}
+
+const HEADER_LEN: usize = 16;
 
 impl BlkQueue {
     pub(crate) fn new(disk: Arc<Disk>, queue_size: u16) -> Self {
         Self {
             disk,
+            descriptors: Vec::with_capacity(usize::from(queue_size)),
             segments: Vec::with_capacity(usize::from(queue_size)),
             max_descriptors: usize::from(queue_size),
         }
+    }
+
+    /// Finds the status byte: the last byte of the last descriptor, which
+    /// must be device-writable and inside shared memory. Without it the
+    /// chain cannot be answered at all.
+    fn status_addr(&self, head: u16, mem: &DeviceMemory) -> Result<GuestAddress, ChainError> {
+        let unanswerable = |reason| ChainError::Unanswerable { head, reason };
+        let last = self
+            .descriptors
+            .last()
+            .ok_or(unanswerable("no descriptor"))?;
+        if !last.writable || last.len == 0 {
+            return Err(unanswerable(
+                "last descriptor is not a device-writable status byte",
+            ));
+        }
+        let addr = last
+            .addr
+            .checked_add(u64::from(last.len - 1))
+            .ok_or(unanswerable("status byte address overflows"))?;
+        mem.check_address(addr)
+            .ok_or(unanswerable("status byte outside shared memory"))
+    }
+
+    /// Splits the chain, whose status byte is known, into header and data
+    /// segments. The layout is a byte stream (VIRTIO_F_ANY_LAYOUT, implied
+    /// by VERSION_1): the header may be split across descriptors or share
+    /// one with data.
+    fn parse(&mut self, mem: &DeviceMemory) -> Result<Header, ReqError> {
+        self.segments.clear();
+        let first_writable = self
+            .descriptors
+            .iter()
+            .position(|d| d.writable)
+            .unwrap_or(self.descriptors.len());
+        let (readable, writable) = self.descriptors.split_at(first_writable);
+        if writable.iter().any(|d| !d.writable) {
+            return Err(ReqError::Invalid(
+                "device-readable descriptor after a device-writable one",
+            ));
+        }
+        let mut header = [0u8; HEADER_LEN];
+        let mut filled = 0usize;
+        for d in readable {
+            let take = (HEADER_LEN - filled).min(d.len as usize);
+            if take > 0 {
+                let dst = header
+                    .get_mut(filled..filled + take)
+                    .ok_or(ReqError::Invalid("header"))?;
+                mem.read_slice(dst, d.addr)
+                    .map_err(|_| ReqError::Invalid("header outside shared memory"))?;
+                filled += take;
+            }
+            let rest = d.len - take as u32;
+            if rest > 0 {
+                let addr = d
+                    .addr
+                    .checked_add(take as u64)
+                    .ok_or(ReqError::Invalid("address overflow"))?;
+                self.segments.push(Segment {
+                    addr,
+                    len: rest,
+                    writable: false,
+                });
+            }
+        }
+        if filled < HEADER_LEN {
+            return Err(ReqError::Invalid("header shorter than 16 bytes"));
+        }
+        // All device-writable bytes but the final status byte are data.
+        let last = writable.len().saturating_sub(1);
+        for (i, d) in writable.iter().enumerate() {
+            let len = if i == last { d.len - 1 } else { d.len };
+            if len > 0 {
+                self.segments.push(Segment {
+                    addr: d.addr,
+                    len,
+                    writable: true,
+                });
+            }
+        }
+        let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
+        Ok(Header {
+            req_type: u32::from_le_bytes([t0, t1, t2, t3]),
+            sector: u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+        })
     }
 
     /// The byte range on disk of `len` bytes at `sector`, if it is inside the image.
@@ -98,13 +191,7 @@ impl BlkQueue {
     fn execute(&self, mem: &DeviceMemory, req_type: u32, sector: u64) -> Result<u32, ReqError> {
         match req_type {
             VIRTIO_BLK_T_IN => {
-                let total = self.total_len(true)?;
-                let mut pos = self.disk_range(sector, total)?;
-                for s in &self.segments {
-                    let slice = guest_slice(mem, s)?;
-                    transfer(&self.disk.file, &slice, pos, Direction::Read)?;
-                    pos = pos.saturating_add(u64::from(s.len));
-                }
+                let total = self.transfer_all(mem, sector, Direction::Read)?;
                 self.disk
                     .stats
                     .bytes_read
@@ -115,13 +202,7 @@ impl BlkQueue {
                 if self.disk.read_only {
                     return Err(ReqError::Invalid("write to a read-only image"));
                 }
-                let total = self.total_len(false)?;
-                let mut pos = self.disk_range(sector, total)?;
-                for s in &self.segments {
-                    let slice = guest_slice(mem, s)?;
-                    transfer(&self.disk.file, &slice, pos, Direction::Write)?;
-                    pos = pos.saturating_add(u64::from(s.len));
-                }
+                let total = self.transfer_all(mem, sector, Direction::Write)?;
                 self.disk
                     .stats
                     .bytes_written
@@ -154,6 +235,32 @@ impl BlkQueue {
             }
             other => Err(ReqError::Unsupported(other)),
         }
+    }
+
+    /// Moves every data segment between the image and shared memory. All
+    /// segments are checked (direction, size, translation) before the first
+    /// byte moves, so a bad buffer fails the request without a partial write.
+    fn transfer_all(
+        &self,
+        mem: &DeviceMemory,
+        sector: u64,
+        dir: Direction,
+    ) -> Result<u64, ReqError> {
+        let total = self.total_len(matches!(dir, Direction::Read))?;
+        let mut pos = self.disk_range(sector, total)?;
+        for s in &self.segments {
+            for slice in mem.get_slices(s.addr, s.len as usize) {
+                slice.map_err(|_| ReqError::Invalid("buffer outside shared memory"))?;
+            }
+        }
+        for s in &self.segments {
+            // A buffer may span two adjacent regions: one transfer per piece.
+            for slice in mem.get_slices(s.addr, s.len as usize).flatten() {
+                transfer(&self.disk.file, &slice, pos, dir)?;
+                pos = pos.saturating_add(slice.len() as u64);
+            }
+        }
+        Ok(total)
     }
 
     fn discard_or_zero(&self, mem: &DeviceMemory, zero: bool) -> Result<(), ReqError> {
@@ -216,11 +323,6 @@ impl BlkQueue {
         }
         Ok(())
     }
-}
-
-fn guest_slice<'m>(mem: &'m DeviceMemory, s: &Segment) -> Result<VolatileSlice<'m, ()>, ReqError> {
-    mem.get_slice(s.addr, s.len as usize)
-        .map_err(|_| ReqError::Invalid("buffer outside shared memory"))
 }
 
 #[derive(Clone, Copy)]
@@ -317,89 +419,46 @@ fn fallocate_or_zero(
 }
 
 impl QueueHandler for BlkQueue {
-    fn handle_chain(&mut self, chain: Chain<'_>, mem: &DeviceMemory) -> u32 {
-        let stats = &self.disk.stats;
-        // Collect the chain (virtio-queue bounds it by the queue size).
-        let mut descs = chain.take(self.max_descriptors.saturating_add(1));
-        let Some(first) = descs.next() else {
-            stats.unanswerable.fetch_add(1, Ordering::Relaxed);
-            return 0;
-        };
-        self.segments.clear();
-        let mut last = None;
-        for d in descs.by_ref().take(self.max_descriptors) {
-            if let Some(prev) = last.replace(d) {
-                self.segments.push(Segment {
-                    addr: prev.addr(),
-                    len: prev.len(),
-                    writable: prev.is_write_only(),
-                });
+    fn handle_chain(&mut self, chain: Chain<'_>, mem: &DeviceMemory) -> Result<u32, ChainError> {
+        let head = chain.head_index();
+        // Parse, then execute: the whole chain is walked and the status byte
+        // identified before anything is read from or written to the buffers.
+        let walked = walk_chain(chain, self.max_descriptors, &mut self.descriptors)
+            .and_then(|()| self.status_addr(head, mem));
+        let status_addr = match walked {
+            Ok(a) => a,
+            Err(e) => {
+                self.disk.stats.unanswerable.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
             }
-        }
-        // The status byte is the last byte of the last descriptor, which must be writable.
-        let Some(status_desc) = last.filter(|d| d.is_write_only() && d.len() >= 1) else {
-            stats.unanswerable.fetch_add(1, Ordering::Relaxed);
-            return 0;
         };
-        let Some(status_addr) = status_desc
-            .addr()
-            .checked_add(u64::from(status_desc.len() - 1))
-        else {
-            stats.unanswerable.fetch_add(1, Ordering::Relaxed);
-            return 0;
-        };
-        if status_desc.len() > 1 {
-            self.segments.push(Segment {
-                addr: status_desc.addr(),
-                len: status_desc.len() - 1,
-                writable: true,
-            });
-        }
-        // Copy the header out once.
-        let mut header = [0u8; 16];
-        let result = if first.is_write_only() || first.len() < 16 {
-            Err(ReqError::Invalid("header descriptor"))
-        } else if mem.read_slice(&mut header, first.addr()).is_err() {
-            Err(ReqError::Invalid("header outside shared memory"))
-        } else {
-            if first.len() > 16 {
-                // Data that follows the header in the same descriptor.
-                if let Some(addr) = first.addr().checked_add(16) {
-                    let len = first.len() - 16;
-                    self.segments.insert(
-                        0,
-                        Segment {
-                            addr,
-                            len,
-                            writable: false,
-                        },
-                    );
-                }
-            }
-            let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-            let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
-            self.execute(mem, req_type, sector)
-        };
+        let result = self
+            .parse(mem)
+            .and_then(|h| self.execute(mem, h.req_type, h.sector));
         let (status, written) = match result {
             Ok(n) => {
-                stats.ok.fetch_add(1, Ordering::Relaxed);
+                self.disk.stats.ok.fetch_add(1, Ordering::Relaxed);
                 (VIRTIO_BLK_S_OK, n)
             }
             Err(ReqError::Unsupported(t)) => {
                 tracing::debug!(req_type = t, "unsupported request");
-                stats.unsupp.fetch_add(1, Ordering::Relaxed);
+                self.disk.stats.unsupp.fetch_add(1, Ordering::Relaxed);
                 (VIRTIO_BLK_S_UNSUPP, 0)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "request failed");
-                stats.ioerr.fetch_add(1, Ordering::Relaxed);
+                self.disk.stats.ioerr.fetch_add(1, Ordering::Relaxed);
                 (VIRTIO_BLK_S_IOERR, 0)
             }
         };
+        // The address was checked above; the memory view cannot change under us.
         if mem.write_obj(status as u8, status_addr).is_err() {
-            stats.unanswerable.fetch_add(1, Ordering::Relaxed);
-            return 0;
+            self.disk.stats.unanswerable.fetch_add(1, Ordering::Relaxed);
+            return Err(ChainError::Unanswerable {
+                head,
+                reason: "status byte not writable",
+            });
         }
-        written.saturating_add(1)
+        Ok(written.saturating_add(1))
     }
 }

@@ -203,13 +203,10 @@ fn bad_requests_get_ioerr_or_unsupp() {
         run(&mut blk, &mem, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]).0,
         VIRTIO_BLK_S_UNSUPP as u8
     );
-    // Status descriptor not writable: nothing can be answered, used length 0, no panic.
-    header(&mem, VIRTIO_BLK_T_IN, 0);
     assert_eq!(
-        run(&mut blk, &mem, &[(HDR, 16, 0), (STATUS, 1, 0)]),
-        (0xFF, 0)
+        blk.stats().ioerr.load(std::sync::atomic::Ordering::Relaxed),
+        7
     );
-    assert!(blk.stats().ioerr.load(std::sync::atomic::Ordering::Relaxed) >= 7);
 }
 
 #[test]
@@ -378,7 +375,7 @@ fn multiqueue_handlers_serve_queues_concurrently() {
                 mock.avail().idx().store(1);
                 let mut q: Queue = mock.create_queue().unwrap();
                 let chain = q.iter(&mem).unwrap().next().unwrap();
-                h.handle_chain(chain, &mem);
+                assert_eq!(h.handle_chain(chain, &mem), Ok(1));
                 mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap()
             })
         })

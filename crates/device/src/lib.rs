@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestAddress;
 
 pub use virtio_bindings::virtio_config;
 
@@ -96,8 +97,94 @@ pub trait VirtioDevice: Send {
 pub trait QueueHandler: Send {
     /// Handles one chain and returns the number of bytes written into
     /// device-writable buffers (the used length). A malformed request is
-    /// answered in-band (a status byte) where possible and never panics.
-    fn handle_chain(&mut self, chain: Chain<'_>, mem: &DeviceMemory) -> u32;
+    /// answered in-band (a status byte) wherever the device can identify
+    /// where to answer; a chain it cannot parse at all is a [`ChainError`],
+    /// which breaks the queue (the chain is not put on the used ring and
+    /// nothing is written). Never panics.
+    fn handle_chain(&mut self, chain: Chain<'_>, mem: &DeviceMemory) -> Result<u32, ChainError>;
+}
+
+/// One descriptor of a chain, copied out of shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Device-visible address.
+    pub addr: GuestAddress,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable (VIRTQ_DESC_F_WRITE).
+    pub writable: bool,
+}
+
+/// A descriptor chain that cannot be parsed: there is no place where the
+/// device could answer it in-band, so the queue is broken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// The head does not yield a descriptor (an index or indirect table
+    /// that does not translate, a nested or misaligned indirect table).
+    #[error("chain at head {head} yields no descriptor")]
+    Empty {
+        /// Head index.
+        head: u16,
+    },
+    /// The walk stopped on a descriptor that still says NEXT: a `next`
+    /// outside the table, a loop, an unreadable indirect entry, or more
+    /// than 4 GiB in total.
+    #[error("chain at head {head} breaks after {walked} descriptors (last one still has NEXT)")]
+    Broken {
+        /// Head index.
+        head: u16,
+        /// Descriptors read before the walk stopped.
+        walked: usize,
+    },
+    /// More descriptors than the device accepts in one chain.
+    #[error("chain at head {head} is longer than {max} descriptors")]
+    TooLong {
+        /// Head index.
+        head: u16,
+        /// The bound.
+        max: usize,
+    },
+    /// The device-specific layout has no place for an answer (for example
+    /// no device-writable status byte inside shared memory).
+    #[error("chain at head {head} has no place for the device's answer: {reason}")]
+    Unanswerable {
+        /// Head index.
+        head: u16,
+        /// What is missing.
+        reason: &'static str,
+    },
+}
+
+/// Walks the whole chain into `out` (cleared first), at most `max`
+/// descriptors, and checks that it ended where the driver said it ends: on
+/// a descriptor without NEXT. `virtio-queue`'s iterator stops silently on a
+/// bad `next`, a loop or a bad indirect table; this turns each of those into
+/// an error instead of a shorter chain.
+pub fn walk_chain(chain: Chain<'_>, max: usize, out: &mut Vec<Segment>) -> Result<(), ChainError> {
+    let head = chain.head_index();
+    out.clear();
+    let mut last_has_next = false;
+    for desc in chain {
+        if out.len() >= max {
+            return Err(ChainError::TooLong { head, max });
+        }
+        out.push(Segment {
+            addr: desc.addr(),
+            len: desc.len(),
+            writable: desc.is_write_only(),
+        });
+        last_has_next = desc.has_next();
+    }
+    if out.is_empty() {
+        return Err(ChainError::Empty { head });
+    }
+    if last_has_next {
+        return Err(ChainError::Broken {
+            head,
+            walked: out.len(),
+        });
+    }
+    Ok(())
 }
 
 /// Counters a transport keeps per queue.
@@ -111,8 +198,15 @@ pub struct QueueStats {
 
 /// The queue itself is broken (not one request): the device needs a reset.
 #[derive(Debug, thiserror::Error)]
-#[error("virtqueue failure: {0}")]
-pub struct QueueFailure(#[from] pub virtio_queue::Error);
+pub enum QueueFailure {
+    /// The rings themselves are unusable (an avail index too far ahead, a
+    /// ring that no longer translates).
+    #[error("virtqueue failure")]
+    Ring(#[from] virtio_queue::Error),
+    /// A chain that cannot be answered in-band.
+    #[error("unparsable descriptor chain")]
+    Chain(#[from] ChainError),
+}
 
 /// Hard bound on chains processed per call, so one busy queue cannot starve
 /// the others or the control path.
@@ -151,7 +245,7 @@ pub fn process_queue(
                 break;
             };
             let head = chain.head_index();
-            let used = handler.handle_chain(chain, mem);
+            let used = handler.handle_chain(chain, mem)?;
             queue.add_used(mem, head, used)?;
             processed = processed.saturating_add(1);
         }
