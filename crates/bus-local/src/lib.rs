@@ -39,6 +39,12 @@ pub struct LocalBusConfig {
     pub max_area_size: u64,
     /// Most areas the device side keeps at once.
     pub max_areas: usize,
+    /// How long the device side waits for the driver's VERSION before it
+    /// drops the connection.
+    pub handshake_timeout: Duration,
+    /// How long the device side waits for room to send one message before it
+    /// gives up on a driver that does not read its replies.
+    pub send_timeout: Duration,
 }
 
 impl Default for LocalBusConfig {
@@ -48,6 +54,8 @@ impl Default for LocalBusConfig {
             doorbells: true,
             max_area_size: 1 << 30,
             max_areas: 64,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            send_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -100,6 +108,9 @@ pub struct LocalDeviceBus {
     cfg: LocalBusConfig,
     negotiated: Mutex<BusLimits>,
     area_count: Mutex<Vec<AreaId>>,
+    /// Set once VERSION was answered; nothing else is accepted before it.
+    handshake_done: std::sync::atomic::AtomicBool,
+    created: std::time::Instant,
 }
 
 impl LocalDeviceBus {
@@ -111,13 +122,16 @@ impl LocalDeviceBus {
             cfg,
             negotiated: Mutex::new(limits(cfg.max_msg_size, cfg.doorbells)),
             area_count: Mutex::new(Vec::new()),
+            handshake_done: std::sync::atomic::AtomicBool::new(false),
+            created: std::time::Instant::now(),
         })
     }
 
     fn reply(&self, msg: &LocalMsg) -> Result<(), BusError> {
         let mut buf = [0u8; 64];
         let n = encode_local(msg, &mut buf)?;
-        self.sock.send(buf.get(..n).unwrap_or(&[]), &[])
+        self.sock
+            .send_bounded(buf.get(..n).unwrap_or(&[]), self.cfg.send_timeout)
     }
 
     fn map_area(&self, id: AreaId, size: u64, file: File) -> Result<SharedArea, String> {
@@ -167,6 +181,7 @@ impl LocalDeviceBus {
                     });
                 }
                 *self.negotiated.lock().unwrap_or_else(|p| p.into_inner()) = limits(max, doorbells);
+                self.handshake_done.store(true, Ordering::SeqCst);
                 self.reply(&LocalMsg::VersionResult {
                     revision: ringfence_virtio_msg::consts::TRANSPORT_REVISION,
                     max_msg_size: max as u32,
@@ -181,7 +196,7 @@ impl LocalDeviceBus {
             }
             LocalMsg::AreaShare { id, size } => {
                 let Some(file) = files.next() else {
-                    self.reply(&LocalMsg::AreaResult {
+                    self.reply(&LocalMsg::AreaShareResult {
                         id,
                         status: wire::STATUS_REJECTED,
                     })?;
@@ -191,7 +206,7 @@ impl LocalDeviceBus {
                 };
                 match self.map_area(id, size, file) {
                     Ok(area) => {
-                        self.reply(&LocalMsg::AreaResult {
+                        self.reply(&LocalMsg::AreaShareResult {
                             id,
                             status: wire::STATUS_OK,
                         })?;
@@ -199,7 +214,7 @@ impl LocalDeviceBus {
                         DeviceBusEvent::AreaShared(area)
                     }
                     Err(reason) => {
-                        self.reply(&LocalMsg::AreaResult {
+                        self.reply(&LocalMsg::AreaShareResult {
                             id,
                             status: wire::STATUS_REJECTED,
                         })?;
@@ -208,25 +223,23 @@ impl LocalDeviceBus {
                 }
             }
             LocalMsg::AreaUnshare { id } => {
-                let mut areas = self.area_count.lock().unwrap_or_else(|p| p.into_inner());
-                let known = areas.iter().position(|&a| a == id);
-                if let Some(i) = known {
-                    areas.swap_remove(i);
-                }
-                drop(areas);
-                self.reply(&LocalMsg::AreaResult {
-                    id,
-                    status: if known.is_some() {
-                        wire::STATUS_OK
-                    } else {
-                        wire::STATUS_REJECTED
-                    },
-                })?;
-                match known {
-                    Some(_) => DeviceBusEvent::AreaUnshared(id),
-                    None => DeviceBusEvent::Dropped {
+                let known = self
+                    .area_count
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&id);
+                if known {
+                    // Answered by `complete_unshare`, once the device side has
+                    // stopped using the area.
+                    DeviceBusEvent::AreaUnshared(id)
+                } else {
+                    self.reply(&LocalMsg::AreaUnshareResult {
+                        id,
+                        status: wire::STATUS_REJECTED,
+                    })?;
+                    DeviceBusEvent::Dropped {
                         reason: format!("AREA_UNSHARE of unknown area {id}"),
-                    },
+                    }
                 }
             }
             LocalMsg::DoorbellAttach {
@@ -257,6 +270,23 @@ impl LocalDeviceBus {
 }
 
 impl DeviceBus for LocalDeviceBus {
+    fn complete_unshare(&self, id: AreaId, released: bool) -> Result<(), BusError> {
+        if released {
+            self.area_count
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|&a| a != id);
+        }
+        self.reply(&LocalMsg::AreaUnshareResult {
+            id,
+            status: if released {
+                wire::STATUS_OK
+            } else {
+                wire::STATUS_REJECTED
+            },
+        })
+    }
+
     fn limits(&self) -> BusLimits {
         *self.negotiated.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -269,10 +299,20 @@ impl DeviceBus for LocalDeviceBus {
                 max,
             });
         }
-        self.sock.send(msg, &[])
+        self.sock.send_bounded(msg, self.cfg.send_timeout)
     }
 
     fn recv(&self, buf: &mut [u8]) -> Result<DeviceBusEvent, BusError> {
+        let handshake_done = self.handshake_done.load(Ordering::SeqCst);
+        if !handshake_done {
+            let left = self
+                .cfg
+                .handshake_timeout
+                .saturating_sub(self.created.elapsed());
+            if left.is_zero() || !self.sock.wait_readable(Some(left))? {
+                return Err(BusError::Timeout(self.cfg.handshake_timeout));
+            }
+        }
         let max = self.limits().max_msg_size.min(buf.len());
         let buf = buf.get_mut(..max).unwrap_or_default();
         let (n, files) = self.sock.recv(buf)?;
@@ -281,8 +321,20 @@ impl DeviceBus for LocalDeviceBus {
                 reason: format!("message larger than the bus maximum of {max} bytes"),
             });
         }
+        if files.len() > sys::MAX_FDS_PER_MSG {
+            // Dropping `files` closes every one of them.
+            return Ok(DeviceBusEvent::Dropped {
+                reason: format!("{} descriptors on one message", files.len()),
+            });
+        }
         let bytes = buf.get(..n).unwrap_or(&[]);
-        match wire::classify(bytes) {
+        let classified = wire::classify(bytes);
+        if !handshake_done && !matches!(classified, Ok(Some(LocalMsg::Version { .. }))) {
+            return Ok(DeviceBusEvent::Dropped {
+                reason: "message before the VERSION handshake".into(),
+            });
+        }
+        match classified {
             Ok(Some(local)) => self.handle_local(local, files),
             // A transport or standard bus message: descriptors never ride along.
             Ok(None) if files.is_empty() => Ok(DeviceBusEvent::Message(n)),
@@ -434,7 +486,7 @@ impl DriverBus for LocalDriverBus {
             Some(&file),
         )?;
         if reply
-            != (LocalMsg::AreaResult {
+            != (LocalMsg::AreaShareResult {
                 id,
                 status: wire::STATUS_OK,
             })
@@ -456,7 +508,7 @@ impl DriverBus for LocalDriverBus {
 
     fn unshare_area(&self, id: AreaId) -> Result<(), BusError> {
         match self.control(&LocalMsg::AreaUnshare { id }, None)? {
-            LocalMsg::AreaResult {
+            LocalMsg::AreaUnshareResult {
                 status: wire::STATUS_OK,
                 ..
             } => Ok(()),
@@ -475,10 +527,8 @@ impl DriverBus for LocalDriverBus {
         if !self.limits.doorbells {
             return Ok(None);
         }
-        // The device side sleeps on a kick without a timeout: make that one read.
         let db = match direction {
-            DoorbellDirection::ToDevice => EventFdDoorbell::new_blocking(),
-            DoorbellDirection::ToDriver => EventFdDoorbell::new(),
+            DoorbellDirection::ToDevice | DoorbellDirection::ToDriver => EventFdDoorbell::new(),
         }
         .map_err(|e| BusError::io("eventfd", e))?;
         struct Fd(i32);

@@ -11,8 +11,14 @@ use ringfence_bus::{BusError, Doorbell};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// Most file descriptors one message may carry.
+/// Most file descriptors one message may carry; a message with more is dropped.
 pub const MAX_FDS_PER_MSG: usize = 1;
+/// Descriptors the receive buffer has room for, so that extra ones sent by a
+/// peer are received (and closed) rather than half-installed.
+pub const CMSG_FDS: usize = 8;
+// CMSG_SPACE(CMSG_FDS * 4) on 64-bit Linux in u64 words: a 16-byte header
+// and the descriptors, rounded up to 8 bytes (checked in a test).
+const CMSG_WORDS: usize = (16 + CMSG_FDS * 4).div_ceil(8);
 
 /// A connected `SOCK_SEQPACKET` Unix socket: message boundaries, bounded size.
 #[derive(Debug)]
@@ -128,8 +134,12 @@ impl Seqpacket {
     }
 
     /// Receives one message. Returns its length (which exceeds `buf.len()` by
-    /// one if the message was too large: the bus drops it) and any file
-    /// descriptors it carried.
+    /// one if the message was too large: the bus drops it) and the file
+    /// descriptors it carried. Every descriptor the kernel installs is owned
+    /// by the returned vector, so one that the caller does not want is closed
+    /// when dropped; room is left for [`CMSG_FDS`] of them, and anything
+    /// beyond that is discarded by the kernel (MSG_CTRUNC) without being
+    /// installed.
     pub fn recv(&self, buf: &mut [u8]) -> Result<(usize, Vec<File>), BusError> {
         let mut spare = [0u8; 1];
         let mut iovecs = [
@@ -142,29 +152,96 @@ impl Seqpacket {
                 iov_len: spare.len(),
             },
         ];
-        let mut fds = [-1 as RawFd; MAX_FDS_PER_MSG];
-        // SAFETY: the iovecs point at buffers we borrow mutably for the call.
-        let r = unsafe { self.recv_with_fds(&mut iovecs, &mut fds) };
-        let (n, nfds) = match r {
-            Ok(v) => v,
-            Err(e) if e.errno() == libc::ECONNRESET => return Err(BusError::Disconnected),
-            Err(e) => {
-                return Err(BusError::io(
-                    "recvmsg",
-                    io::Error::from_raw_os_error(e.errno()),
-                ))
+        // u64 elements keep the control buffer aligned for cmsghdr.
+        let mut control = [0u64; CMSG_WORDS];
+        // SAFETY: msghdr is plain old data; all-zero is a valid value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iovecs.as_mut_ptr();
+        msg.msg_iovlen = iovecs.len();
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        let n = loop {
+            // SAFETY: msg points at iovecs and a control buffer that live
+            // for the duration of the call and are exclusively borrowed.
+            let n = unsafe { libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ECONNRESET) => return Err(BusError::Disconnected),
+                _ => return Err(BusError::io("recvmsg", e)),
             }
         };
-        let files = fds
-            .iter()
-            .take(nfds)
-            // SAFETY: recvmsg handed us ownership of the first nfds descriptors.
-            .map(|&fd| unsafe { File::from_raw_fd(fd) })
-            .collect();
-        if n == 0 && nfds == 0 {
+        let mut files = Vec::new();
+        // SAFETY: msg was filled by recvmsg; the CMSG_* macros walk the
+        // control buffer within msg_controllen.
+        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+        while !cmsg.is_null() {
+            // SAFETY: cmsg is non-null and points into `control`.
+            let (level, kind, len) =
+                unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
+            if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+                // SAFETY: CMSG_LEN(0) is a constant computation.
+                let header = unsafe { libc::CMSG_LEN(0) } as usize;
+                let count = len.saturating_sub(header) / std::mem::size_of::<RawFd>();
+                // SAFETY: the data of an SCM_RIGHTS message is `count` ints.
+                let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
+                for i in 0..count {
+                    // SAFETY: i < count ints inside this cmsg; unaligned read
+                    // because CMSG_DATA need not be int-aligned in general.
+                    let fd = unsafe { data.add(i).read_unaligned() };
+                    // SAFETY: the kernel installed this descriptor for us and
+                    // nobody else owns it.
+                    files.push(unsafe { File::from_raw_fd(fd) });
+                }
+            }
+            // SAFETY: msg and cmsg are valid as above.
+            cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+        }
+        if n == 0 && files.is_empty() {
             return Err(BusError::Disconnected);
         }
         Ok((n, files))
+    }
+
+    /// Sends one message, waiting at most `timeout` for room in the socket
+    /// buffer: a peer that stops reading cannot block the sender forever.
+    pub fn send_bounded(&self, msg: &[u8], timeout: Duration) -> Result<(), BusError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            // SAFETY: msg is a valid readable buffer of msg.len() bytes.
+            let n = unsafe {
+                libc::send(
+                    self.0.as_raw_fd(),
+                    msg.as_ptr().cast(),
+                    msg.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                return if n as usize == msg.len() {
+                    Ok(())
+                } else {
+                    Err(BusError::Protocol {
+                        reason: format!("short send: {n} of {} bytes", msg.len()),
+                    })
+                };
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() || !poll_fd(self.0.as_raw_fd(), libc::POLLOUT, Some(left))? {
+                        return Err(BusError::Timeout(timeout));
+                    }
+                }
+                Some(libc::EPIPE) | Some(libc::ECONNRESET) => return Err(BusError::Disconnected),
+                _ => return Err(BusError::io("send", e)),
+            }
+        }
     }
 
     /// Waits until a message can be read; `false` on timeout.
@@ -255,10 +332,15 @@ impl Drop for Listener {
 
 /// poll(2) for readability, retrying on EINTR.
 pub fn poll_readable(fd: RawFd, timeout: Option<Duration>) -> Result<bool, BusError> {
+    poll_fd(fd, libc::POLLIN, timeout)
+}
+
+/// poll(2) one descriptor for `events`, retrying on EINTR.
+fn poll_fd(fd: RawFd, events: libc::c_short, timeout: Option<Duration>) -> Result<bool, BusError> {
     let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
     let mut pfd = libc::pollfd {
         fd,
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     loop {
@@ -319,8 +401,60 @@ pub fn check_sealed_memfd(file: &File, size: u64) -> Result<(), String> {
 }
 
 /// An eventfd doorbell.
+///
+/// The descriptor may be shared with the peer, which then controls its
+/// file status flags (`O_NONBLOCK`) and its counter. So no operation here
+/// relies on the flags: reads use `RWF_NOWAIT`, and a write is made only
+/// when poll says it will not block (a counter the peer parked near its
+/// maximum already reads as rung, so the write is not needed).
 #[derive(Debug)]
 pub struct EventFdDoorbell(EventFd);
+
+/// Reads an eventfd's counter without ever blocking, whatever its flags.
+fn read_nowait(fd: RawFd) -> io::Result<Option<u64>> {
+    let mut value = 0u64;
+    let iov = libc::iovec {
+        iov_base: (&mut value as *mut u64).cast(),
+        iov_len: 8,
+    };
+    loop {
+        // SAFETY: iov points at an 8-byte local for the duration of the call;
+        // offset -1 means "current position" (eventfds are not seekable).
+        let n = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+        if n == 8 {
+            return Ok(Some(value));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return Ok(None),
+            // Kernels before 5.x: no RWF_NOWAIT on eventfds. Poll first; a
+            // peer racing us to the counter can then block this read, which
+            // is why workers that read peer eventfds are stopped with a bound.
+            Some(libc::EOPNOTSUPP) => {
+                if !poll_readable(fd, Some(Duration::ZERO)).map_err(io::Error::other)? {
+                    return Ok(None);
+                }
+                let mut buf = [0u8; 8];
+                // SAFETY: buf is a valid writable 8-byte buffer.
+                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), 8) };
+                return match n {
+                    8 => Ok(Some(u64::from_ne_bytes(buf))),
+                    _ => {
+                        let e = io::Error::last_os_error();
+                        if e.kind() == io::ErrorKind::WouldBlock {
+                            Ok(None)
+                        } else {
+                            Err(e)
+                        }
+                    }
+                };
+            }
+            _ if n >= 0 => return Err(io::Error::other("short eventfd read")),
+            _ => return Err(e),
+        }
+    }
+}
 
 impl EventFdDoorbell {
     /// A new, unrung doorbell.
@@ -328,23 +462,29 @@ impl EventFdDoorbell {
         Ok(Self(EventFd::new(EFD_NONBLOCK)?))
     }
 
-    /// A new, unrung doorbell whose `wait(None)` is one blocking read (for the
-    /// side that sleeps on it without a timeout).
-    pub fn new_blocking() -> io::Result<Self> {
-        Ok(Self(EventFd::new(0)?))
-    }
-
-    /// Wraps a descriptor received from the peer after checking that it is an
-    /// eventfd. Blocking or not, it cannot hang us: `wait(None)` is only used
-    /// by a waiter that is woken by ringing this same doorbell, and every
-    /// other read is preceded by poll.
+    /// Wraps a descriptor received from the peer after checking that it is
+    /// an eventfd in counter mode. A semaphore eventfd (`EFD_SEMAPHORE`)
+    /// stays readable after a read while its counter is above zero: a huge
+    /// counter would make the waiter spin, so it is refused.
     pub fn from_peer(file: File) -> Result<Self, String> {
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        let fd = file.as_raw_fd();
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
             .map_err(|e| format!("cannot inspect doorbell descriptor: {e}"))?;
         if link.as_os_str() != "anon_inode:[eventfd]" {
             return Err(format!(
                 "doorbell descriptor is {}, not an eventfd",
                 link.display()
+            ));
+        }
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .map_err(|e| format!("cannot inspect doorbell descriptor: {e}"))?;
+        let semaphore = info
+            .lines()
+            .find_map(|l| l.strip_prefix("eventfd-semaphore:"))
+            .map(str::trim);
+        if semaphore != Some("0") {
+            return Err(format!(
+                "doorbell eventfd is in semaphore mode (or of unknown mode: {semaphore:?})"
             ));
         }
         // SAFETY: we own the descriptor, checked above to be an eventfd.
@@ -361,44 +501,89 @@ impl EventFdDoorbell {
 
 impl Doorbell for EventFdDoorbell {
     fn ring(&self) -> Result<(), BusError> {
-        self.0
-            .write(1)
-            .map_err(|e| BusError::io("eventfd write", e))
+        let fd = self.0.as_raw_fd();
+        // Not writable means the counter is within 1 of its maximum: the
+        // waiter will see it rung anyway.
+        if !poll_fd(fd, libc::POLLOUT, Some(Duration::ZERO))? {
+            return Ok(());
+        }
+        match self.0.write(1) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(BusError::io("eventfd write", e)),
+        }
     }
 
     fn wait(&self, timeout: Option<Duration>) -> Result<bool, BusError> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
-            if timeout.is_none() {
-                // One read when the descriptor blocks; EAGAIN when it does not.
-                match self.0.read() {
-                    Ok(_) => return Ok(true),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(BusError::io("eventfd read", e)),
-                }
-            }
-            if !poll_readable(self.0.as_raw_fd(), timeout)? {
-                return Ok(false);
-            }
             if self.try_clear()? {
                 return Ok(true);
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                return Ok(false);
+            }
+            if !poll_readable(self.0.as_raw_fd(), left)? {
+                return Ok(false);
             }
         }
     }
 
     fn try_clear(&self) -> Result<bool, BusError> {
-        // poll first: the descriptor may be blocking.
-        if !poll_readable(self.0.as_raw_fd(), Some(Duration::ZERO))? {
-            return Ok(false);
-        }
-        match self.0.read() {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(BusError::io("eventfd read", e)),
-        }
+        read_nowait(self.0.as_raw_fd())
+            .map(|v| v.is_some())
+            .map_err(|e| BusError::io("eventfd read", e))
     }
 
     fn pollable_fd(&self) -> Option<RawFd> {
         Some(self.0.as_raw_fd())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_buffer_holds_cmsg_fds_descriptors() {
+        // SAFETY: constant computation.
+        let space = unsafe { libc::CMSG_SPACE((CMSG_FDS * std::mem::size_of::<RawFd>()) as u32) };
+        assert_eq!(space as usize, CMSG_WORDS * 8);
+    }
+
+    #[test]
+    fn a_peer_cannot_make_ring_or_wait_block() {
+        let db = EventFdDoorbell::new().unwrap();
+        let fd = db.raw_fd();
+        // The peer clears O_NONBLOCK and parks the counter at its maximum.
+        // SAFETY: fcntl on a descriptor we own.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFL, 0) }, 0);
+        let max = (u64::MAX - 1).to_ne_bytes();
+        // SAFETY: writing 8 bytes from a valid buffer.
+        assert_eq!(unsafe { libc::write(fd, max.as_ptr().cast(), 8) }, 8);
+        db.ring().unwrap(); // would block forever in write(2)
+        assert!(db.try_clear().unwrap());
+        // Empty and blocking: neither try_clear nor a timed wait blocks.
+        assert!(!db.try_clear().unwrap());
+        let t = std::time::Instant::now();
+        assert!(!db.wait(Some(Duration::from_millis(50))).unwrap());
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn semaphore_and_foreign_descriptors_are_refused_as_doorbells() {
+        let sem = EventFd::new(libc::EFD_SEMAPHORE).unwrap();
+        // SAFETY: dup of a descriptor we own; the File owns the copy.
+        let file = unsafe { File::from_raw_fd(libc::dup(sem.as_raw_fd())) };
+        let err = EventFdDoorbell::from_peer(file).unwrap_err();
+        assert!(err.contains("semaphore"), "{err}");
+        let memfd = sealed_memfd("not-an-eventfd", 4096).unwrap();
+        let err = EventFdDoorbell::from_peer(memfd).unwrap_err();
+        assert!(err.contains("not an eventfd"), "{err}");
+        let ok = EventFd::new(0).unwrap();
+        // SAFETY: as above.
+        let file = unsafe { File::from_raw_fd(libc::dup(ok.as_raw_fd())) };
+        assert!(EventFdDoorbell::from_peer(file).is_ok());
     }
 }

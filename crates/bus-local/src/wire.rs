@@ -63,8 +63,15 @@ pub enum LocalMsg {
         /// Its id.
         id: AreaId,
     },
-    /// Answer to AREA_SHARE / AREA_UNSHARE.
-    AreaResult {
+    /// Answer to AREA_SHARE.
+    AreaShareResult {
+        /// The area.
+        id: AreaId,
+        /// STATUS_OK or STATUS_REJECTED.
+        status: u32,
+    },
+    /// Answer to AREA_UNSHARE, sent once the device side no longer uses the area.
+    AreaUnshareResult {
         /// The area.
         id: AreaId,
         /// STATUS_OK or STATUS_REJECTED.
@@ -136,13 +143,16 @@ impl LocalMsg {
                 put(0, &id.to_le_bytes());
                 (AREA_UNSHARE, false, 4)
             }
-            LocalMsg::AreaResult { id, status } => {
+            LocalMsg::AreaShareResult { id, status }
+            | LocalMsg::AreaUnshareResult { id, status } => {
                 put(0, &id.to_le_bytes());
                 put(4, &status.to_le_bytes());
-                // The id of the request it answers is not known here; AREA_SHARE
-                // and AREA_UNSHARE answers share one layout, so use AREA_SHARE's
-                // id only for share results (see `answers`).
-                (AREA_SHARE, true, 8)
+                let msg_id = if matches!(self, LocalMsg::AreaShareResult { .. }) {
+                    AREA_SHARE
+                } else {
+                    AREA_UNSHARE
+                };
+                (msg_id, true, 8)
             }
             LocalMsg::DoorbellAttach {
                 dev_num,
@@ -171,8 +181,10 @@ impl LocalMsg {
     pub fn answers(&self, request: &LocalMsg) -> bool {
         match (self, request) {
             (LocalMsg::VersionResult { .. }, LocalMsg::Version { .. }) => true,
-            (LocalMsg::AreaResult { id, .. }, LocalMsg::AreaShare { id: rid, .. })
-            | (LocalMsg::AreaResult { id, .. }, LocalMsg::AreaUnshare { id: rid }) => id == rid,
+            (LocalMsg::AreaShareResult { id, .. }, LocalMsg::AreaShare { id: rid, .. })
+            | (LocalMsg::AreaUnshareResult { id, .. }, LocalMsg::AreaUnshare { id: rid }) => {
+                id == rid
+            }
             _ => false,
         }
     }
@@ -238,9 +250,16 @@ pub fn classify(bytes: &[u8]) -> Result<Option<LocalMsg>, WireError> {
             need(4)?;
             LocalMsg::AreaUnshare { id: le16(p, 0) }
         }
-        (AREA_SHARE | AREA_UNSHARE, true) => {
+        (AREA_SHARE, true) => {
             need(8)?;
-            LocalMsg::AreaResult {
+            LocalMsg::AreaShareResult {
+                id: le16(p, 0),
+                status: le32(p, 4),
+            }
+        }
+        (AREA_UNSHARE, true) => {
+            need(8)?;
+            LocalMsg::AreaUnshareResult {
                 id: le16(p, 0),
                 status: le32(p, 4),
             }

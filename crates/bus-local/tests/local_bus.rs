@@ -66,46 +66,231 @@ fn oversized_messages_and_bad_areas_are_dropped() {
     let (_drv, _area) = t.join().unwrap();
 }
 
-#[test]
-fn raw_hostile_sends_are_refused() {
+fn local(msg: &wire::LocalMsg) -> Vec<u8> {
+    let mut payload = [0u8; wire::MAX_PAYLOAD];
+    let (msg_id, response, n) = msg.encode(&mut payload);
+    let mut buf = [0u8; 64];
+    let n = Message {
+        dev_num: 0,
+        token: 0,
+        body: Body::BusSpecific {
+            msg_id,
+            response,
+            payload: &payload[..n],
+        },
+    }
+    .encode(&mut buf)
+    .unwrap();
+    buf[..n].to_vec()
+}
+
+/// A device side and a raw socket playing a hostile driver, handshake done.
+fn raw_pair(cfg: LocalBusConfig) -> (LocalDeviceBus, Seqpacket) {
     let (a, raw) = Seqpacket::pair().unwrap();
+    let dev = LocalDeviceBus::new(a, cfg).unwrap();
+    let version = wire::LocalMsg::Version {
+        revision: 1,
+        max_msg_size: 48,
+        features: 0,
+    };
+    raw.send(&local(&version), &[]).unwrap();
+    assert!(matches!(
+        dev.recv(&mut [0u8; 64]).unwrap(),
+        DeviceBusEvent::Handled
+    ));
+    let mut reply = [0u8; 64];
+    raw.recv(&mut reply).unwrap();
+    (dev, raw)
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn memfd(size: u64, seals: i32) -> std::fs::File {
+    let name = std::ffi::CString::new("test-area").unwrap();
+    // SAFETY: plain system calls on a descriptor this function owns.
+    let file = unsafe {
+        let fd = libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING | libc::MFD_CLOEXEC);
+        assert!(fd >= 0);
+        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    };
+    file.set_len(size).unwrap();
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) },
+        0
+    );
+    file
+}
+
+const SEALED: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+#[test]
+fn nothing_is_accepted_before_the_version_handshake() {
+    let (a, raw) = Seqpacket::pair().unwrap();
+    let dev = LocalDeviceBus::new(a, LocalBusConfig::default()).unwrap();
+    raw.send(&[0, 7, 1, 0, 0, 0, 8, 0], &[]).unwrap();
+    match dev.recv(&mut [0u8; 300]).unwrap() {
+        DeviceBusEvent::Dropped { reason } => {
+            assert!(reason.contains("before the VERSION"), "{reason}")
+        }
+        _ => panic!("a transport request before VERSION was accepted"),
+    }
+    raw.send(&share_msg(1, 4096), &[memfd(4096, SEALED).as_raw_fd()])
+        .unwrap();
+    assert!(matches!(
+        dev.recv(&mut [0u8; 300]).unwrap(),
+        DeviceBusEvent::Dropped { .. }
+    ));
+}
+
+#[test]
+fn a_driver_that_never_says_version_is_dropped_after_the_handshake_timeout() {
+    let (a, _raw) = Seqpacket::pair().unwrap();
     let dev = LocalDeviceBus::new(
         a,
         LocalBusConfig {
-            max_msg_size: 48,
+            handshake_timeout: std::time::Duration::from_millis(200),
             ..Default::default()
         },
     )
     .unwrap();
+    let t = std::time::Instant::now();
+    assert!(matches!(
+        dev.recv(&mut [0u8; 300]),
+        Err(ringfence_bus::BusError::Timeout(_))
+    ));
+    assert!(t.elapsed() < std::time::Duration::from_secs(2));
+}
+
+#[test]
+fn a_driver_that_never_reads_cannot_block_the_device_side() {
+    let (dev, _raw) = raw_pair(LocalBusConfig {
+        send_timeout: std::time::Duration::from_millis(200),
+        ..Default::default()
+    });
+    let t = std::time::Instant::now();
+    let err = loop {
+        if let Err(e) = dev.send(&[0u8; 48]) {
+            break e;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "send never gave up"
+        );
+    };
+    assert!(matches!(err, ringfence_bus::BusError::Timeout(_)), "{err}");
+}
+
+#[test]
+fn raw_hostile_sends_are_refused() {
+    let (dev, raw) = raw_pair(LocalBusConfig {
+        max_msg_size: 48,
+        max_area_size: 1 << 20,
+        ..Default::default()
+    });
     let mut buf = vec![0u8; 48];
-    let mut expect_drop = |what: &str| match dev.recv(&mut buf).unwrap() {
-        DeviceBusEvent::Dropped { reason } => reason,
+    let mut reply = [0u8; 64];
+    let expect_drop = |what: &str, needle: &str| match dev.recv(&mut [0u8; 48]).unwrap() {
+        DeviceBusEvent::Dropped { reason } => {
+            assert!(reason.contains(needle), "{what}: {reason}")
+        }
         _ => panic!("{what} was not dropped"),
     };
     // Oversized.
     raw.send(&[0u8; 300], &[]).unwrap();
-    assert!(expect_drop("oversized").contains("larger"));
-    // AREA_SHARE with no descriptor.
+    expect_drop("oversized", "larger");
+    // AREA_SHARE with no descriptor; every refused share is answered.
     raw.send(&share_msg(1, 4096), &[]).unwrap();
-    expect_drop("share without fd");
-    let mut reply = [0u8; 64];
+    expect_drop("share without fd", "without a descriptor");
     raw.recv(&mut reply).unwrap();
-    // AREA_SHARE of a regular file (not a sealed memfd).
-    let f = std::fs::File::open("/proc/self/exe").unwrap();
-    raw.send(&share_msg(2, 4096), &[f.as_raw_fd()]).unwrap();
-    assert!(expect_drop("unsealed").contains("memfd"));
-    raw.recv(&mut reply).unwrap();
-    // Area 0 and unaligned sizes.
-    raw.send(&share_msg(0, 4096), &[f.as_raw_fd()]).unwrap();
-    expect_drop("area 0");
-    raw.recv(&mut reply).unwrap();
-    raw.send(&share_msg(3, 1000), &[f.as_raw_fd()]).unwrap();
-    expect_drop("unaligned");
-    raw.recv(&mut reply).unwrap();
-    // A descriptor riding on a transport message.
-    raw.send(&[0, 7, 1, 0, 0, 0, 8, 0], &[f.as_raw_fd()])
+    assert_eq!(&reply[8..10], &1u16.to_le_bytes());
+    assert_eq!(&reply[12..16], &wire::STATUS_REJECTED.to_le_bytes());
+    // Each bad area is otherwise valid, so only the named check can refuse it.
+    let regular = std::fs::File::open("/proc/self/exe").unwrap();
+    let cases: [(&str, u16, u64, std::fs::File, &str); 7] = [
+        ("regular file", 2, 4096, regular, "not a sealable memfd"),
+        (
+            "unsealed memfd",
+            3,
+            4096,
+            memfd(4096, 0),
+            "not sealed against shrinking",
+        ),
+        (
+            "memfd smaller than claimed",
+            4,
+            8192,
+            memfd(4096, SEALED),
+            "holds 4096 bytes",
+        ),
+        ("area 0", 0, 4096, memfd(4096, SEALED), "reserved"),
+        (
+            "unaligned size",
+            5,
+            1000,
+            memfd(4096, SEALED),
+            "page multiple",
+        ),
+        (
+            "larger than allowed",
+            6,
+            2 << 20,
+            memfd(2 << 20, SEALED),
+            "page multiple",
+        ),
+        (
+            "grow-only seal",
+            7,
+            4096,
+            memfd(4096, libc::F_SEAL_GROW),
+            "not sealed against shrinking",
+        ),
+    ];
+    for (what, id, size, file, needle) in cases {
+        raw.send(&share_msg(id, size), &[file.as_raw_fd()]).unwrap();
+        expect_drop(what, needle);
+        raw.recv(&mut reply).unwrap();
+        assert_eq!(
+            &reply[12..16],
+            &wire::STATUS_REJECTED.to_le_bytes(),
+            "{what}"
+        );
+    }
+    // A valid share, then the same id again.
+    raw.send(&share_msg(8, 4096), &[memfd(4096, SEALED).as_raw_fd()])
         .unwrap();
-    expect_drop("fd on transport message");
+    assert!(matches!(
+        dev.recv(&mut buf).unwrap(),
+        DeviceBusEvent::AreaShared(_)
+    ));
+    raw.recv(&mut reply).unwrap();
+    assert_eq!(&reply[12..16], &wire::STATUS_OK.to_le_bytes());
+    raw.send(&share_msg(8, 4096), &[memfd(4096, SEALED).as_raw_fd()])
+        .unwrap();
+    expect_drop("duplicate id", "already shared");
+    raw.recv(&mut reply).unwrap();
+    // Two descriptors on one message: dropped, and neither stays open here.
+    let (x, y) = (memfd(4096, SEALED), memfd(4096, SEALED));
+    let before = open_fds();
+    for _ in 0..50 {
+        raw.send(&share_msg(9, 4096), &[x.as_raw_fd(), y.as_raw_fd()])
+            .unwrap();
+        expect_drop("two descriptors", "2 descriptors");
+    }
+    assert_eq!(open_fds(), before, "received descriptors leaked");
+    // A descriptor riding on a transport message.
+    raw.send(&[0, 7, 1, 0, 0, 0, 8, 0], &[x.as_raw_fd()])
+        .unwrap();
+    expect_drop("fd on transport message", "descriptor attached");
+    assert_eq!(open_fds(), before, "received descriptor leaked");
+    // AREA_UNSHARE of an unknown area is refused with AREA_UNSHARE's own id.
+    raw.send(&local(&wire::LocalMsg::AreaUnshare { id: 77 }), &[])
+        .unwrap();
+    expect_drop("unknown unshare", "unknown area 77");
+    raw.recv(&mut reply).unwrap();
+    assert_eq!(reply[1], wire::AREA_UNSHARE);
     // A plain transport message passes through untouched.
     raw.send(&[0, 7, 1, 0, 0, 0, 8, 0], &[]).unwrap();
     assert!(matches!(

@@ -136,7 +136,9 @@ pub enum DeviceBusEvent {
     Message(usize),
     /// The driver shared a new area.
     AreaShared(SharedArea),
-    /// The driver revoked an area; the device must stop using it.
+    /// The driver revoked an area; the device must stop using it and then
+    /// call [`DeviceBus::complete_unshare`]: the driver learns that the area
+    /// is out of use only from that answer.
     AreaUnshared(AreaId),
     /// The driver attached a doorbell for one queue of one device.
     DoorbellAttached {
@@ -167,6 +169,10 @@ pub trait DeviceBus: Send + Sync {
     fn send(&self, msg: &[u8]) -> Result<(), BusError>;
     /// Waits for the next event. `buf` must hold `limits().max_msg_size` bytes.
     fn recv(&self, buf: &mut [u8]) -> Result<DeviceBusEvent, BusError>;
+    /// Tells the driver that area `id`, revoked by an
+    /// [`DeviceBusEvent::AreaUnshared`], is no longer reachable by the
+    /// device side (`released`), or that it could not be released in time.
+    fn complete_unshare(&self, id: AreaId, released: bool) -> Result<(), BusError>;
 }
 
 /// An area as the driver side sees it: its id and its local mapping.

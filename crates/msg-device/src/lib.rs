@@ -36,6 +36,14 @@ pub struct BackendStats {
     pub requests: AtomicU64,
     /// EVENT_AVAIL received.
     pub avail_events: AtomicU64,
+    /// Queues broken by the driver (DEVICE_NEEDS_RESET raised).
+    pub queue_failures: AtomicU64,
+    /// Queue workers that did not stop in time and were left behind.
+    pub workers_abandoned: AtomicU64,
+    /// AREA_UNSHARE requests answered only after the area was out of use.
+    pub areas_revoked: AtomicU64,
+    /// AREA_UNSHARE requests refused because a worker kept the area too long.
+    pub revocations_timed_out: AtomicU64,
 }
 
 impl BackendStats {
@@ -52,16 +60,24 @@ impl std::fmt::Display for BackendStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "requests={} avail_events={} malformed={} unknown_device={} unexpected={} bus_dropped={}",
+            "requests={} avail_events={} malformed={} unknown_device={} unexpected={} bus_dropped={} \
+             queue_failures={} workers_abandoned={} areas_revoked={} revocations_timed_out={}",
             self.requests.load(Ordering::Relaxed),
             self.avail_events.load(Ordering::Relaxed),
             self.malformed.load(Ordering::Relaxed),
             self.unknown_device.load(Ordering::Relaxed),
             self.unexpected.load(Ordering::Relaxed),
             self.bus_dropped.load(Ordering::Relaxed),
+            self.queue_failures.load(Ordering::Relaxed),
+            self.workers_abandoned.load(Ordering::Relaxed),
+            self.areas_revoked.load(Ordering::Relaxed),
+            self.revocations_timed_out.load(Ordering::Relaxed),
         )
     }
 }
+
+/// How long AREA_UNSHARE waits for workers to leave the area.
+pub const REVOKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The device side of one bus: device numbers to device transports.
 pub struct Backend {
@@ -151,11 +167,14 @@ impl Backend {
                         .ok();
                 }
                 DeviceBusEvent::AreaUnshared(id) => {
-                    self.areas.remove(&id);
-                    self.memory
-                        .lock()
-                        .map(|g| g.replace(build_memory(&self.areas)))
-                        .ok();
+                    let released = self.revoke_area(id);
+                    if let Err(e) = bus.complete_unshare(id, released) {
+                        break if matches!(e, BusError::Disconnected) {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        };
+                    }
                 }
                 DeviceBusEvent::DoorbellAttached {
                     dev_num,
@@ -190,6 +209,37 @@ impl Backend {
             .ok();
         tracing::info!(stats = %self.stats, "driver side disconnected");
         result
+    }
+
+    /// Takes area `id` out of the device memory and waits until no worker
+    /// holds a view that contains it; only then may the driver hear that it
+    /// is out of use. `false` if a worker kept it beyond [`REVOKE_TIMEOUT`]
+    /// (a worker stuck inside one batch, on a hung disk say; the next batch
+    /// already uses the memory without it).
+    fn revoke_area(&mut self, id: u16) -> bool {
+        let Some(area) = self.areas.remove(&id) else {
+            return false;
+        };
+        self.memory
+            .lock()
+            .map(|g| g.replace(build_memory(&self.areas)))
+            .ok();
+        // Every view of the old memory holds a reference to the mapping;
+        // workers drop theirs at the end of each batch.
+        let deadline = std::time::Instant::now() + REVOKE_TIMEOUT;
+        while Arc::strong_count(&area.mapping) > 1 {
+            if std::time::Instant::now() >= deadline {
+                self.stats
+                    .revocations_timed_out
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(area = id, "area still in use after {REVOKE_TIMEOUT:?}");
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        self.stats.areas_revoked.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(area = id, "area revoked");
+        true
     }
 
     fn handle_message(

@@ -14,7 +14,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 
-use crate::worker::{Worker, WorkerCtx};
+use crate::worker::{Stopped, Wake, Worker, WorkerCtx, STOP_TIMEOUT};
 use crate::BackendStats;
 
 const S_ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
@@ -30,9 +30,10 @@ pub const TRANSPORT_FEATURES: u64 =
 
 struct QueueSlot {
     setup: Option<Vqueue>,
+    /// The driver's doorbell for this queue.
     kick: Option<Arc<dyn Doorbell>>,
-    /// Internal doorbell rung by in-band EVENT_AVAIL when the bus has no doorbells.
-    inband_kick: Option<Arc<dyn Doorbell>>,
+    /// The running worker's private wake-up (in-band EVENT_AVAIL rings it).
+    wake: Option<Arc<Wake>>,
     stats: Arc<QueueStats>,
 }
 
@@ -143,7 +144,7 @@ impl DeviceTransport {
                 .map(|_| QueueSlot {
                     setup: None,
                     kick: None,
-                    inband_kick: None,
+                    wake: None,
                     stats: Arc::new(QueueStats::default()),
                 })
                 .collect(),
@@ -230,13 +231,12 @@ impl DeviceTransport {
         Ok(())
     }
 
-    /// An in-band EVENT_AVAIL for `vq`.
+    /// An in-band EVENT_AVAIL for `vq`: wakes its worker through the
+    /// worker's private eventfd, never through a descriptor the driver holds.
     pub(crate) fn kick(&self, vq: u32) {
         let slot = usize::try_from(vq).ok().and_then(|i| self.queues.get(i));
-        match slot.and_then(|s| s.inband_kick.as_ref().or(s.kick.as_ref())) {
-            Some(db) => {
-                let _ = db.ring();
-            }
+        match slot.and_then(|s| s.wake.as_ref()) {
+            Some(wake) => wake.ring(),
             None => {
                 if let Some(s) = &self.stats {
                     s.unexpected.fetch_add(1, Ordering::Relaxed);
@@ -256,7 +256,15 @@ impl DeviceTransport {
     /// except the config generation.
     pub fn reset(&mut self) {
         for w in self.workers.drain(..) {
-            let _ = w.stop();
+            if let Stopped::Abandoned = w.stop(STOP_TIMEOUT) {
+                tracing::error!(
+                    dev = self.notifier.dev_num,
+                    "a queue worker did not stop within {STOP_TIMEOUT:?}: abandoned"
+                );
+                if let Some(s) = &self.stats {
+                    s.workers_abandoned.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
         if self.notifier.status.load(Ordering::SeqCst) & S_DRIVER_OK != 0 {
             self.device.reset();
@@ -264,7 +272,7 @@ impl DeviceTransport {
         self.driver_features = 0;
         for q in &mut self.queues {
             q.setup = None;
-            q.inband_kick = None;
+            q.wake = None;
         }
         self.notifier.needs_reset.store(false, Ordering::SeqCst);
         self.notifier.status.store(0, Ordering::SeqCst);
@@ -355,20 +363,19 @@ impl DeviceTransport {
                     "queue {index} rings are not inside the shared areas"
                 ));
             }
-            let kick: Arc<dyn Doorbell> = match &slot.kick {
-                Some(k) => k.clone(),
-                None => {
-                    let k: Arc<dyn Doorbell> =
-                        Arc::new(InbandKick::new().map_err(|e| format!("eventfd: {e}"))?);
-                    slot.inband_kick = Some(k.clone());
-                    k
-                }
-            };
+            let wake = Arc::new(Wake::new().map_err(|e| format!("eventfd: {e}"))?);
+            slot.wake = Some(wake.clone());
+            let backend_stats = self
+                .stats
+                .clone()
+                .ok_or_else(|| "activated without a bus".to_string())?;
             let worker = Worker::spawn(WorkerCtx {
                 index: index as u16,
                 queue,
                 handler,
-                kick,
+                kick: slot.kick.clone(),
+                wake,
+                backend_stats,
                 memory: self.memory.clone(),
                 interrupt: self.notifier.clone(),
                 needs_reset: self.notifier.needs_reset.clone(),
@@ -564,53 +571,5 @@ impl DeviceTransport {
                 }
             }
         }
-    }
-}
-
-/// The internal kick used when EVENT_AVAIL arrives in-band: a blocking
-/// eventfd, so the worker sleeps in one read.
-struct InbandKick(vmm_sys_util::eventfd::EventFd);
-
-impl InbandKick {
-    fn new() -> std::io::Result<Self> {
-        Ok(Self(vmm_sys_util::eventfd::EventFd::new(0)?))
-    }
-
-    fn readable(&self, timeout_ms: i32) -> bool {
-        use std::os::fd::AsRawFd;
-        let mut pfd = libc::pollfd {
-            fd: self.0.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: pfd is a valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, timeout_ms) > 0 }
-    }
-}
-
-impl Doorbell for InbandKick {
-    fn ring(&self) -> Result<(), ringfence_bus::BusError> {
-        self.0
-            .write(1)
-            .map_err(|e| ringfence_bus::BusError::io("eventfd write", e))
-    }
-    fn wait(&self, timeout: Option<std::time::Duration>) -> Result<bool, ringfence_bus::BusError> {
-        match timeout {
-            None => self
-                .0
-                .read()
-                .map(|_| true)
-                .map_err(|e| ringfence_bus::BusError::io("eventfd read", e)),
-            Some(t) => Ok(
-                self.readable(t.as_millis().min(i32::MAX as u128) as i32) && self.try_clear()?
-            ),
-        }
-    }
-    fn try_clear(&self) -> Result<bool, ringfence_bus::BusError> {
-        Ok(self.readable(0) && self.0.read().is_ok())
-    }
-    fn pollable_fd(&self) -> Option<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        Some(self.0.as_raw_fd())
     }
 }

@@ -1,8 +1,18 @@
 //! One thread per active queue: wait for a kick, process, notify.
+//!
+//! The driver's kick doorbell is a descriptor the driver shares, so it
+//! controls its flags and counter. A worker therefore never blocks on it: it
+//! sleeps in `poll` on the kick and on a backend-private wake eventfd (rung
+//! for in-band EVENT_AVAIL and to stop it), and clears the kick with a read
+//! that cannot block. Stopping a worker has a time bound; a worker that does
+//! not stop in time (blocked in a write the driver wedged, say) is abandoned
+//! and counted, never joined forever.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use ringfence_bus::Doorbell;
 use ringfence_device::{
@@ -10,11 +20,39 @@ use ringfence_device::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::BackendStats;
+
+/// How long a stopping worker gets before it is abandoned.
+pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The backend-private wake-up of one worker.
+pub(crate) struct Wake(EventFd);
+
+impl Wake {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        Ok(Self(EventFd::new(EFD_NONBLOCK)?))
+    }
+
+    /// Wakes the worker; a counter already at its maximum is rung anyway.
+    pub(crate) fn ring(&self) {
+        let _ = self.0.write(1);
+    }
+
+    fn clear(&self) -> bool {
+        self.0.read().is_ok()
+    }
+
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
 
 /// A running queue worker.
 pub(crate) struct Worker {
     stop: Arc<AtomicBool>,
-    kick: Arc<dyn Doorbell>,
+    wake: Arc<Wake>,
     thread: Option<JoinHandle<Queue>>,
 }
 
@@ -22,19 +60,30 @@ pub(crate) struct WorkerCtx {
     pub index: u16,
     pub queue: Queue,
     pub handler: Box<dyn QueueHandler>,
-    pub kick: Arc<dyn Doorbell>,
+    /// The driver's doorbell, if the bus has doorbells.
+    pub kick: Option<Arc<dyn Doorbell>>,
+    pub wake: Arc<Wake>,
     pub memory: GuestMemoryAtomic<DeviceMemory>,
     pub interrupt: Arc<dyn Interrupt>,
     pub needs_reset: Arc<AtomicBool>,
     pub stats: Arc<QueueStats>,
+    pub backend_stats: Arc<BackendStats>,
     /// How long to keep polling the avail ring after a batch before sleeping.
-    pub poll: std::time::Duration,
+    pub poll: Duration,
+}
+
+/// How a stop ended.
+pub(crate) enum Stopped {
+    /// The thread ended and gave its queue back.
+    Joined,
+    /// The thread did not end within the bound; it was detached.
+    Abandoned,
 }
 
 impl Worker {
     pub(crate) fn spawn(mut ctx: WorkerCtx) -> std::io::Result<Worker> {
         let stop = Arc::new(AtomicBool::new(false));
-        let kick = ctx.kick.clone();
+        let wake = ctx.wake.clone();
         let stop_flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vq{}", ctx.index))
@@ -44,43 +93,86 @@ impl Worker {
             })?;
         Ok(Worker {
             stop,
-            kick,
+            wake,
             thread: Some(thread),
         })
     }
 
     fn signal_stop(&self) {
-        // The worker sleeps on its kick doorbell: ring it to wake it up.
         self.stop.store(true, Ordering::SeqCst);
-        let _ = self.kick.ring();
+        self.wake.ring();
     }
 
-    /// Stops the worker and returns its queue.
-    pub(crate) fn stop(mut self) -> Option<Queue> {
+    /// Stops the worker, waiting at most `timeout` for its thread to end.
+    pub(crate) fn stop(mut self, timeout: Duration) -> Stopped {
         self.signal_stop();
-        self.thread.take().and_then(|t| t.join().ok())
+        let Some(thread) = self.thread.take() else {
+            return Stopped::Joined;
+        };
+        let deadline = Instant::now() + timeout;
+        while !thread.is_finished() {
+            if Instant::now() >= deadline {
+                // Dropping the handle detaches the thread. It holds only its
+                // queue, its handler and a memory view; once unblocked it sees
+                // the stop flag before touching the queue again.
+                return Stopped::Abandoned;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let _ = thread.join();
+        Stopped::Joined
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
+        if self.thread.is_some() {
             self.signal_stop();
-            let _ = t.join();
         }
     }
 }
 
+/// Sleeps until one of `fds` is readable (EINTR is a wake-up too).
+fn poll_any(fds: &[RawFd]) {
+    let mut pfds = [libc::pollfd {
+        fd: -1,
+        events: libc::POLLIN,
+        revents: 0,
+    }; 2];
+    for (p, &fd) in pfds.iter_mut().zip(fds) {
+        p.fd = fd;
+    }
+    let n = fds.len().min(pfds.len());
+    // SAFETY: pfds is a valid array of at least n pollfds for the call.
+    unsafe { libc::poll(pfds.as_mut_ptr(), n as libc::nfds_t, -1) };
+}
+
 impl WorkerCtx {
+    /// Waits for a kick or a wake-up, clearing both.
+    fn wait_for_work(&self) {
+        loop {
+            // Clear first, then look at the ring: a kick that arrives after
+            // the clear leaves the descriptor readable for the next poll.
+            let kicked = self
+                .kick
+                .as_ref()
+                .is_some_and(|k| k.try_clear().unwrap_or(false));
+            if self.wake.clear() | kicked {
+                return;
+            }
+            match self.kick.as_ref().and_then(|k| k.pollable_fd()) {
+                Some(kick) => poll_any(&[self.wake.fd(), kick]),
+                None => poll_any(&[self.wake.fd()]),
+            }
+        }
+    }
+
     fn run(&mut self, stop: &AtomicBool) {
         // Buffers may already be waiting (the driver kicked before DRIVER_OK completed).
         let mut pending = true;
         loop {
             if !pending {
-                if let Err(e) = self.kick.wait(None) {
-                    tracing::error!(queue = self.index, error = %e, "waiting for a kick failed");
-                    return;
-                }
+                self.wait_for_work();
             }
             if stop.load(Ordering::SeqCst) {
                 return;
@@ -100,12 +192,18 @@ impl WorkerCtx {
                     }
                 }
                 Err(e) => {
+                    drop(mem);
                     tracing::warn!(queue = self.index, error = %e, "queue broken by the driver: device needs reset");
+                    self.backend_stats
+                        .queue_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     self.needs_reset.store(true, Ordering::SeqCst);
                     let _ = self.interrupt.trigger(InterruptKind::Config);
-                    // Stay parked until reset: the queue is not touched again.
+                    // Stay parked until reset: the queue is not touched again
+                    // and kicks are no longer read.
                     while !stop.load(Ordering::SeqCst) {
-                        let _ = self.kick.wait(Some(std::time::Duration::from_millis(100)));
+                        poll_any(&[self.wake.fd()]);
+                        self.wake.clear();
                     }
                     return;
                 }
@@ -120,14 +218,14 @@ impl WorkerCtx {
         if self.poll.is_zero() {
             return false;
         }
-        let deadline = std::time::Instant::now() + self.poll;
+        let deadline = Instant::now() + self.poll;
         loop {
             match self.queue.avail_idx(mem, Ordering::Acquire) {
                 Ok(idx) if idx.0 != self.queue.next_avail() => return true,
                 Ok(_) => {}
                 Err(_) => return true, // let process_queue report it
             }
-            if std::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 return false;
             }
             std::hint::spin_loop();
