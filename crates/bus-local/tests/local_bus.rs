@@ -117,10 +117,8 @@ fn memfd(size: u64, seals: i32) -> std::fs::File {
     };
     file.set_len(size).unwrap();
     // SAFETY: as above.
-    assert_eq!(
-        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) },
-        0
-    );
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    assert_eq!(r, 0);
     file
 }
 
