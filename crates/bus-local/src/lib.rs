@@ -206,10 +206,7 @@ impl LocalDeviceBus {
                 };
                 match self.map_area(id, size, file) {
                     Ok(area) => {
-                        self.reply(&LocalMsg::AreaShareResult {
-                            id,
-                            status: wire::STATUS_OK,
-                        })?;
+                        // Answered by `complete_share` once the area is in the device memory.
                         tracing::info!(area = id, size, "area shared");
                         DeviceBusEvent::AreaShared(area)
                     }
@@ -270,6 +267,13 @@ impl LocalDeviceBus {
 }
 
 impl DeviceBus for LocalDeviceBus {
+    fn complete_share(&self, id: AreaId) -> Result<(), BusError> {
+        self.reply(&LocalMsg::AreaShareResult {
+            id,
+            status: wire::STATUS_OK,
+        })
+    }
+
     fn complete_unshare(&self, id: AreaId, released: bool) -> Result<(), BusError> {
         if released {
             self.area_count

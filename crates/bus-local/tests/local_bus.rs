@@ -63,6 +63,10 @@ fn oversized_messages_and_bad_areas_are_dropped() {
         panic!("no area")
     };
     assert_eq!((area.id, area.mapping.size()), (1, 64 * 1024));
+    // The driver hears of the share only once the device side says it is in use.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(!t.is_finished());
+    dev.complete_share(area.id).unwrap();
     let (_drv, _area) = t.join().unwrap();
 }
 
@@ -263,6 +267,7 @@ fn raw_hostile_sends_are_refused() {
         dev.recv(&mut buf).unwrap(),
         DeviceBusEvent::AreaShared(_)
     ));
+    dev.complete_share(8).unwrap();
     raw.recv(&mut reply).unwrap();
     assert_eq!(&reply[12..16], &wire::STATUS_OK.to_le_bytes());
     raw.send(&share_msg(8, 4096), &[memfd(4096, SEALED).as_raw_fd()])

@@ -134,7 +134,8 @@ impl std::fmt::Debug for SharedArea {
 pub enum DeviceBusEvent {
     /// A virtio-msg message of this many bytes is in the receive buffer.
     Message(usize),
-    /// The driver shared a new area.
+    /// The driver shared a new area; once the device side can reach it, it
+    /// calls [`DeviceBus::complete_share`], which tells the driver.
     AreaShared(SharedArea),
     /// The driver revoked an area; the device must stop using it and then
     /// call [`DeviceBus::complete_unshare`]: the driver learns that the area
@@ -169,6 +170,9 @@ pub trait DeviceBus: Send + Sync {
     fn send(&self, msg: &[u8]) -> Result<(), BusError>;
     /// Waits for the next event. `buf` must hold `limits().max_msg_size` bytes.
     fn recv(&self, buf: &mut [u8]) -> Result<DeviceBusEvent, BusError>;
+    /// Tells the driver that area `id`, from an
+    /// [`DeviceBusEvent::AreaShared`], is now reachable by the device side.
+    fn complete_share(&self, id: AreaId) -> Result<(), BusError>;
     /// Tells the driver that area `id`, revoked by an
     /// [`DeviceBusEvent::AreaUnshared`], is no longer reachable by the
     /// device side (`released`), or that it could not be released in time.

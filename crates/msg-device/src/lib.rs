@@ -34,6 +34,13 @@ pub struct BackendStats {
     pub bus_dropped: AtomicU64,
     /// Requests answered.
     pub requests: AtomicU64,
+    /// Connections served (accepted and handed to a backend).
+    pub connections: AtomicU64,
+    /// Connections closed at once because the connection limit was reached.
+    pub connections_refused: AtomicU64,
+    /// Connections that ended with an error (handshake timeout, a driver
+    /// that stopped reading, a bus failure).
+    pub connections_failed: AtomicU64,
     /// EVENT_AVAIL received.
     pub avail_events: AtomicU64,
     /// Queues broken by the driver (DEVICE_NEEDS_RESET raised).
@@ -60,8 +67,11 @@ impl std::fmt::Display for BackendStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "requests={} avail_events={} malformed={} unknown_device={} unexpected={} bus_dropped={} \
+            "connections={} connections_refused={} connections_failed={} requests={} avail_events={} malformed={} unknown_device={} unexpected={} bus_dropped={} \
              queue_failures={} workers_abandoned={} areas_revoked={} revocations_timed_out={}",
+            self.connections.load(Ordering::Relaxed),
+            self.connections_refused.load(Ordering::Relaxed),
+            self.connections_failed.load(Ordering::Relaxed),
             self.requests.load(Ordering::Relaxed),
             self.avail_events.load(Ordering::Relaxed),
             self.malformed.load(Ordering::Relaxed),
@@ -98,6 +108,12 @@ fn build_memory(areas: &BTreeMap<u16, SharedArea>) -> DeviceMemory {
 impl Backend {
     /// A backend serving `devices`, numbered from 1 in order.
     pub fn new(devices: Vec<Box<dyn VirtioDevice>>) -> Self {
+        Self::with_stats(devices, Arc::new(BackendStats::default()))
+    }
+
+    /// Like [`Backend::new`], counting into `stats` (shared by the
+    /// connections of one backend process).
+    pub fn with_stats(devices: Vec<Box<dyn VirtioDevice>>, stats: Arc<BackendStats>) -> Self {
         let memory = GuestMemoryAtomic::new(DeviceMemory::default());
         let devices = devices
             .into_iter()
@@ -108,7 +124,7 @@ impl Backend {
             devices,
             areas: BTreeMap::new(),
             memory,
-            stats: Arc::new(BackendStats::default()),
+            stats,
         }
     }
 
@@ -160,20 +176,20 @@ impl Backend {
                     }
                 }
                 DeviceBusEvent::AreaShared(area) => {
-                    self.areas.insert(area.id, area);
+                    let id = area.id;
+                    self.areas.insert(id, area);
                     self.memory
                         .lock()
                         .map(|g| g.replace(build_memory(&self.areas)))
                         .ok();
+                    if let Err(e) = bus.complete_share(id) {
+                        break Self::ended(e);
+                    }
                 }
                 DeviceBusEvent::AreaUnshared(id) => {
                     let released = self.revoke_area(id);
                     if let Err(e) = bus.complete_unshare(id, released) {
-                        break if matches!(e, BusError::Disconnected) {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        };
+                        break Self::ended(e);
                     }
                 }
                 DeviceBusEvent::DoorbellAttached {
@@ -209,6 +225,14 @@ impl Backend {
             .ok();
         tracing::info!(stats = %self.stats, "driver side disconnected");
         result
+    }
+
+    /// How a bus error ends a connection: a disconnect is a normal end.
+    fn ended(e: BusError) -> Result<(), BusError> {
+        match e {
+            BusError::Disconnected => Ok(()),
+            e => Err(e),
+        }
     }
 
     /// Takes area `id` out of the device memory and waits until no worker

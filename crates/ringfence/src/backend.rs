@@ -1,14 +1,14 @@
 //! `ringfence backend`: serve devices on a local-bus endpoint.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ringfence_blk::{Blk, BlkOptions};
 use ringfence_bus_local::{Listener, LocalBusConfig, LocalDeviceBus};
 use ringfence_device::VirtioDevice;
-use ringfence_msg_device::Backend;
+use ringfence_msg_device::{Backend, BackendStats};
 
 pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -48,6 +48,13 @@ pub struct BackendArgs {
     /// Exit after the first frontend disconnects.
     #[arg(long)]
     pub once: bool,
+    /// Frontends served at once, each on its own thread with its own device
+    /// instances; further connections are closed at once.
+    #[arg(long, default_value_t = 8)]
+    pub max_connections: usize,
+    /// Milliseconds a new connection has to send the bus VERSION handshake.
+    #[arg(long, default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
     /// The device to serve.
     #[command(subcommand)]
     pub device: DeviceArgs,
@@ -97,36 +104,77 @@ pub fn build_device(
 
 pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
     install_signal_handlers();
-    let device = build_device(&args.device)?;
+    // Open the device once up front so a bad command line fails at start.
+    drop(build_device(&args.device)?);
     let cfg = LocalBusConfig {
         max_msg_size: args.max_msg_size,
         doorbells: !args.no_doorbells,
+        handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
         ..Default::default()
     };
     let listener = Listener::bind(&args.socket_path)?;
-    tracing::info!(socket = %args.socket_path.display(), pid = std::process::id(), "backend listening");
-    let mut backend = Backend::new(vec![device]);
-    backend.set_poll(Duration::from_micros(args.poll_us));
-    let stats = backend.stats();
-    while !STOP.load(Ordering::SeqCst) {
+    tracing::info!(socket = %args.socket_path.display(), pid = std::process::id(), max_connections = args.max_connections, "backend listening");
+    let stats = Arc::new(BackendStats::default());
+    let active = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicBool::new(false));
+    let args = Arc::new(args);
+    while !(STOP.load(Ordering::SeqCst) || args.once && finished.load(Ordering::SeqCst)) {
         let sock = match listener.accept(Some(Duration::from_millis(200))) {
             Ok(Some(s)) => s,
             Ok(None) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         };
-        tracing::info!("frontend connected");
-        let bus = Arc::new(LocalDeviceBus::new(sock, cfg)?);
-        if let Err(e) = backend.serve(bus) {
-            if STOP.load(Ordering::SeqCst) {
-                break;
-            }
-            tracing::warn!(error = %e, "connection ended with an error");
+        if active.load(Ordering::SeqCst) >= args.max_connections {
+            stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                max = args.max_connections,
+                "connection limit reached: frontend refused"
+            );
+            continue; // dropping the socket closes it
         }
-        if args.once {
-            break;
+        active.fetch_add(1, Ordering::SeqCst);
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        let (args, stats, active, finished) = (
+            args.clone(),
+            stats.clone(),
+            active.clone(),
+            finished.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("connection".into())
+            .spawn(move || {
+                if let Err(e) = serve_connection(&args, sock, cfg, &stats) {
+                    stats.connections_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "connection ended with an error");
+                }
+                active.fetch_sub(1, Ordering::SeqCst);
+                finished.store(true, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a connection thread");
         }
     }
+    // With --once, let the connection's teardown (device reset) finish first.
+    while args.once && active.load(Ordering::SeqCst) > 0 && !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     println!("backend stats: {stats}");
+    Ok(())
+}
+
+/// Serves one frontend with device instances of its own.
+fn serve_connection(
+    args: &BackendArgs,
+    sock: ringfence_bus_local::Seqpacket,
+    cfg: LocalBusConfig,
+    stats: &Arc<BackendStats>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    tracing::info!("frontend connected");
+    let device = build_device(&args.device)?;
+    let bus = Arc::new(LocalDeviceBus::new(sock, cfg)?);
+    let mut backend = Backend::with_stats(vec![device], stats.clone());
+    backend.set_poll(Duration::from_micros(args.poll_us));
+    backend.serve(bus)?;
     Ok(())
 }

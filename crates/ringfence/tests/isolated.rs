@@ -4,101 +4,16 @@
 // test holds mapped for its whole duration, at offsets below the allocation.
 #![allow(clippy::undocumented_unsafe_blocks)]
 
+mod common;
+
+use common::*;
+
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ringfence_bus::{area_addr, DriverBus};
-use ringfence_bus_local::{LocalBusConfig, LocalDriverBus};
-use ringfence_msg_driver::{discover, BouncePool, MsgTransport};
-use ringfence_virtio_msg::{decode, Body, Message};
+use ringfence_bus::area_addr;
 use virtio_drivers::transport::{DeviceStatus, Transport};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ringfence");
-
-struct Env {
-    dir: PathBuf,
-}
-
-impl Env {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ringfence-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Env { dir }
-    }
-    fn image(&self, mib: u64) -> PathBuf {
-        let p = self.dir.join("disk.img");
-        std::fs::File::create(&p)
-            .unwrap()
-            .set_len(mib << 20)
-            .unwrap();
-        p
-    }
-    fn socket(&self) -> PathBuf {
-        self.dir.join("blk.sock")
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn backend(socket: &Path, image: &Path, extra: &[&str]) -> Child {
-    let child = Command::new(BIN)
-        .args(["backend", "--once", "--socket-path"])
-        .arg(socket)
-        .args(extra)
-        .args(["blk", "--image"])
-        .arg(image)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "backend did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child
-}
-
-fn finish(mut child: Child) -> String {
-    let status = child.wait().unwrap();
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    assert!(status.success(), "backend failed: {out}");
-    out
-}
-
-/// The frontend's pattern (same formula as `frontend::fill_pattern`).
-fn pattern(seed: u64, offset: u64, buf: &mut [u8]) {
-    for (i, chunk) in buf.chunks_mut(8).enumerate() {
-        let mut x = seed ^ (offset / 8 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        x ^= x >> 33;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-}
-
-fn run_frontend(socket: &Path, extra: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(["frontend", "--socket-path"])
-        .arg(socket)
-        .args(extra)
-        .output()
-        .unwrap()
-}
 
 #[test]
 fn written_pattern_reads_back_and_lands_on_disk() {
@@ -238,27 +153,6 @@ fn backend_holds_only_the_window() {
     finish(be);
 }
 
-fn raw_bus(socket: &Path) -> Arc<dyn DriverBus> {
-    Arc::new(LocalDriverBus::connect(socket, LocalBusConfig::default()).unwrap())
-}
-
-fn ping(bus: &dyn DriverBus, data: u32) -> bool {
-    let mut buf = [0u8; 264];
-    let n = Message {
-        dev_num: 0,
-        token: 9,
-        body: Body::Ping { data },
-    }
-    .encode(&mut buf)
-    .unwrap();
-    bus.send(&buf[..n]).unwrap();
-    let n = bus
-        .recv(&mut buf, Some(Duration::from_secs(5)))
-        .unwrap()
-        .unwrap();
-    decode(&buf[..n]).unwrap().body == Body::Pong { data }
-}
-
 #[test]
 fn malformed_messages_are_dropped_and_counted() {
     let env = Env::new("malformed");
@@ -290,98 +184,6 @@ fn malformed_messages_are_dropped_and_counted() {
     assert!(stats.contains("malformed=5"), "{stats}");
     assert!(stats.contains("unknown_device=1"), "{stats}");
     assert!(stats.contains("unexpected=1"), "{stats}");
-}
-
-/// A hand-built driver queue: rings in the window, one request at a time.
-struct RawQueue {
-    index: u16,
-    avail: u64,
-    used: u64,
-    desc_ptr: *mut u8,
-    avail_ptr: *mut u8,
-    used_ptr: *mut u8,
-    next: u16,
-}
-
-const QSIZE: u32 = 16;
-
-impl RawQueue {
-    /// Submits a chain (addr, len, device-writable) and returns the used length.
-    fn submit(&mut self, t: &mut MsgTransport, chain: &[(u64, u32, bool)]) -> u32 {
-        for (i, &(addr, len, write)) in chain.iter().enumerate() {
-            let flags: u16 = if i + 1 < chain.len() { 1 } else { 0 } | if write { 2 } else { 0 };
-            let mut d = [0u8; 16];
-            d[..8].copy_from_slice(&addr.to_le_bytes());
-            d[8..12].copy_from_slice(&len.to_le_bytes());
-            d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
-            unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), self.desc_ptr.add(16 * i), 16) };
-        }
-        unsafe {
-            let slot = (self.next % QSIZE as u16) as usize;
-            std::ptr::write_volatile(self.avail_ptr.add(4 + 2 * slot).cast::<u16>(), 0);
-            self.next = self.next.wrapping_add(1);
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            std::ptr::write_volatile(self.avail_ptr.add(2).cast::<u16>(), self.next);
-        }
-        t.notify(self.index);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let idx = unsafe { std::ptr::read_volatile(self.used_ptr.add(2).cast::<u16>()) };
-            if idx == self.next {
-                let slot = ((self.next - 1) % QSIZE as u16) as usize;
-                return unsafe {
-                    std::ptr::read_volatile(self.used_ptr.add(4 + 8 * slot + 4).cast::<u32>())
-                };
-            }
-            assert!(Instant::now() < deadline, "device never used the chain");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-}
-
-/// Initialises the device by hand with `queues` queues in a 1 MiB window,
-/// accepting VERSION_1 plus `features`.
-fn raw_device(
-    socket: &Path,
-    queues: u16,
-    features: u64,
-) -> (MsgTransport, BouncePool, Vec<RawQueue>, Arc<dyn DriverBus>) {
-    let bus = raw_bus(socket);
-    let dev = discover(bus.as_ref()).unwrap()[0];
-    let window = bus.share_area(1 << 20).unwrap();
-    let pool = BouncePool::new(window);
-    let mut t = MsgTransport::new(bus.clone(), dev).unwrap();
-    t.set_status(DeviceStatus::empty());
-    t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
-    t.write_driver_features((1 << 32) | features);
-    t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
-    let mut raw = Vec::new();
-    for index in 0..queues {
-        let (desc, desc_ptr) = pool.alloc(4096, 4096).unwrap();
-        let (avail, avail_ptr) = (desc + 16 * QSIZE as u64, unsafe {
-            desc_ptr.add(16 * QSIZE as usize)
-        });
-        let (used, used_ptr) = (desc + 2048, unsafe { desc_ptr.add(2048) });
-        t.queue_set(index, QSIZE, desc, avail, used);
-        raw.push(RawQueue {
-            index,
-            avail,
-            used,
-            desc_ptr,
-            avail_ptr,
-            used_ptr,
-            next: 0,
-        });
-    }
-    t.set_status(
-        DeviceStatus::ACKNOWLEDGE
-            | DeviceStatus::DRIVER
-            | DeviceStatus::FEATURES_OK
-            | DeviceStatus::DRIVER_OK,
-    );
-    assert!(t.take_failure().is_none());
-    (t, pool, raw, bus)
 }
 
 #[test]
