@@ -61,6 +61,7 @@ impl Default for LocalBusConfig {
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const DRIVER_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn limits(max_msg_size: usize, doorbells: bool) -> BusLimits {
     BusLimits {
@@ -455,7 +456,8 @@ impl DriverBus for LocalDriverBus {
                 max: self.limits.max_msg_size,
             });
         }
-        self.sock.send(msg, &[])
+        // A device side that stops reading cannot block the driver forever.
+        self.sock.send_bounded(msg, DRIVER_SEND_TIMEOUT)
     }
 
     fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> Result<Option<usize>, BusError> {
@@ -471,11 +473,23 @@ impl DriverBus for LocalDriverBus {
             }
             return Ok(Some(n));
         }
-        if !self.sock.wait_readable(timeout)? {
-            return Ok(None);
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+            if !self.sock.wait_readable(left)? {
+                return Ok(None);
+            }
+            // Descriptors from the device side are never wanted here: dropped, closed.
+            let (n, _files) = self.sock.recv(buf)?;
+            if n <= buf.len() {
+                return Ok(Some(n));
+            }
+            // Larger than negotiated: dropped whole, never cut down.
+            tracing::warn!(
+                max = buf.len(),
+                "oversized message from the device side dropped"
+            );
         }
-        let (n, _files) = self.sock.recv(buf)?;
-        Ok(Some(n.min(buf.len())))
     }
 
     fn share_area(&self, size: usize) -> Result<LocalArea, BusError> {

@@ -99,6 +99,19 @@ impl Slots {
     }
 }
 
+/// Zeroes a window slice without allocating.
+fn zero(w: &VolatileSlice<'_, ()>) {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    let mut off = 0;
+    while off < w.len() {
+        let n = (w.len() - off).min(ZEROS.len());
+        if let Ok(part) = w.subslice(off, n) {
+            part.copy_from(&ZEROS[..n]);
+        }
+        off += n;
+    }
+}
+
 /// A slot allocator and copier over one shared area.
 pub struct BouncePool {
     area: LocalArea,
@@ -178,7 +191,7 @@ impl BouncePool {
         let slice = self
             .window(offset, slots * SLOT_SIZE)
             .ok_or(BounceError::Exhausted { slots })?;
-        slice.copy_from(&vec![0u8; slots * SLOT_SIZE]);
+        zero(&slice);
         let addr =
             area_addr(self.area.id, offset as u64).ok_or(BounceError::Exhausted { slots })?;
         Ok((addr, slice.ptr_guard_mut().as_ptr()))
@@ -196,7 +209,8 @@ impl BouncePool {
         Ok(())
     }
 
-    /// Bounces `buf` into the window; copies it in when the device will read it.
+    /// Bounces `buf` into the window: copies it in when the device will read
+    /// it, and zeroes the slots otherwise.
     pub fn map(&self, buf: &[u8], device_reads: bool) -> Result<u64, BounceError> {
         let slots = buf.len().div_ceil(SLOT_SIZE).max(1);
         let start = self.lock().alloc(slots, 1).ok_or_else(|| {
@@ -204,12 +218,18 @@ impl BouncePool {
             BounceError::Exhausted { slots }
         })?;
         let offset = start * SLOT_SIZE;
-        if device_reads {
-            if let Some(w) = self.window(offset, buf.len()) {
+        if let Some(w) = self.window(offset, buf.len()) {
+            if device_reads {
                 w.copy_from(buf);
                 self.stats
                     .bytes_in
                     .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            } else {
+                // The whole buffer is copied back on unmap: bytes the device
+                // does not write must read as zero, not as what an earlier
+                // request left in these slots (the swiotlb leak,
+                // CVE-2022-0854 class).
+                zero(&w);
             }
         }
         self.stats.maps.fetch_add(1, Ordering::Relaxed);

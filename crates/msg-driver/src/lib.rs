@@ -8,7 +8,7 @@
 
 pub mod bounce;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -23,6 +23,13 @@ pub use bounce::{BounceError, BouncePool, BounceStats};
 
 /// How long to wait for a response before declaring the device gone.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most messages read per drain, so a flooding device cannot hold the driver.
+const MAX_DRAINED: usize = 256;
+
+/// Config generations may change this many times in a row before the
+/// driver stops believing the device (virtio-drivers rereads until stable).
+const MAX_GENERATION_CHANGES: u32 = 64;
 
 /// Errors of the driver side.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +54,17 @@ pub enum DriverError {
     /// The device asked for a reset.
     #[error("device needs reset")]
     NeedsReset,
+    /// The device reported something this driver cannot use.
+    #[error("device reported an invalid {what}: {value}")]
+    InvalidDevice {
+        /// Which value.
+        what: &'static str,
+        /// What it said.
+        value: u64,
+    },
+    /// An earlier request failed; the transport takes no further requests.
+    #[error("transport unusable after an earlier failure")]
+    Failed,
 }
 
 /// State shared between the transport and completion waiters.
@@ -56,6 +74,12 @@ struct Shared {
     rx: Mutex<RxState>,
     kicks: Mutex<Vec<Option<Arc<dyn Doorbell>>>>,
     calls: Mutex<Vec<Option<Arc<dyn Doorbell>>>>,
+    /// The first error a `Transport` method swallowed (its trait cannot
+    /// return errors).
+    failure: Mutex<Option<DriverError>>,
+    /// A request timed out or the bus failed: every later request fails at
+    /// once instead of waiting out its own timeout.
+    broken: std::sync::atomic::AtomicBool,
 }
 
 struct RxState {
@@ -68,6 +92,39 @@ struct RxState {
 }
 
 impl Shared {
+    fn broken(&self) -> bool {
+        self.broken.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn fail(&self, e: DriverError) {
+        tracing::error!(error = %e, "virtio-msg transport failure");
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+    }
+
+    /// Reads whatever the device sent meanwhile without waiting: events
+    /// (EVENT_CONFIG with NEEDS_RESET in particular) and a disconnect are
+    /// noticed even while completions arrive on doorbells.
+    fn drain_events(&self, rx: &mut RxState) -> Result<(), DriverError> {
+        for _ in 0..MAX_DRAINED {
+            let RxState { buf, .. } = &mut *rx;
+            let Some(n) = self.bus.recv(buf, Some(Duration::ZERO))? else {
+                break;
+            };
+            let bytes = rx.buf.get(..n).unwrap_or(&[]).to_vec();
+            let noted = decode(&bytes).is_ok_and(|m| Shared::note_event(rx, &m.body));
+            if !noted {
+                rx.ignored += 1;
+            }
+        }
+        if rx.needs_reset {
+            return Err(DriverError::NeedsReset);
+        }
+        Ok(())
+    }
+
     fn note_event(rx: &mut RxState, body: &Body<'_>) -> bool {
         match *body {
             Body::EventUsed { vq_index } => {
@@ -105,13 +162,23 @@ impl CompletionWaiter {
             .cloned()
             .flatten();
         if let Some(db) = call {
-            return Ok(db.wait(Some(timeout))?);
+            if db.wait(Some(timeout))? {
+                return Ok(true);
+            }
+            // Nothing used in time: look at the message channel, where a
+            // reset request or a disconnect would show.
+            let mut rx = self.0.rx.lock().unwrap_or_else(|p| p.into_inner());
+            self.0.drain_events(&mut rx)?;
+            return Ok(false);
         }
         let deadline = std::time::Instant::now() + timeout;
         let mut rx = self.0.rx.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(p) = rx.used_pending.get_mut(usize::from(q)) {
                 if std::mem::take(p) {
+                    // Read what else queued up meanwhile: a device that
+                    // floods events cannot bury its own responses.
+                    self.0.drain_events(&mut rx)?;
                     return Ok(true);
                 }
             }
@@ -168,6 +235,24 @@ impl CompletionWaiter {
         }
     }
 
+    /// The first failure of the transport, if any (kept; a later call sees it too).
+    pub fn failure(&self) -> Option<String> {
+        self.0
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|e| {
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(e);
+                while let Some(cause) = src {
+                    msg.push_str(&format!(": {cause}"));
+                    src = cause.source();
+                }
+                msg
+            })
+    }
+
     /// True once the device has asked for a reset.
     pub fn needs_reset(&self) -> bool {
         self.0
@@ -182,8 +267,11 @@ impl CompletionWaiter {
 pub struct MsgTransport {
     shared: Arc<Shared>,
     info: DeviceInfo,
-    token: u16,
-    failure: RefCell<Option<DriverError>>,
+    device_type: DeviceType,
+    /// Token of the last request; every request gets a fresh one.
+    token: Cell<u16>,
+    generation: Cell<Option<u32>>,
+    generation_changes: Cell<u32>,
     out: RefCell<Vec<u8>>,
 }
 
@@ -261,16 +349,36 @@ impl MsgTransport {
                 }),
                 kicks: Mutex::new(Vec::new()),
                 calls: Mutex::new(Vec::new()),
+                failure: Mutex::new(None),
+                broken: std::sync::atomic::AtomicBool::new(false),
             }),
             info: DeviceInfo::default(),
-            token: 0,
-            failure: RefCell::new(None),
+            device_type: DeviceType::Block,
+            token: Cell::new(0),
+            generation: Cell::new(None),
+            generation_changes: Cell::new(0),
             out: RefCell::new(vec![0; max]),
         };
         let info = t.request("GET_DEVICE_INFO", Body::GetDeviceInfo, |b| match b {
             Body::DeviceInfo(i) => Some(*i),
             _ => None,
         })?;
+        // Everything the device says about itself is checked before use.
+        t.device_type = match DeviceType::try_from(info.device_id) {
+            Ok(ty) if info.device_id != 0 => ty,
+            _ => {
+                return Err(DriverError::InvalidDevice {
+                    what: "device type",
+                    value: u64::from(info.device_id),
+                })
+            }
+        };
+        if info.max_virtqueues == 0 {
+            return Err(DriverError::InvalidDevice {
+                what: "number of queues",
+                value: 0,
+            });
+        }
         let n = info.max_virtqueues.min(1024) as usize;
         t.shared
             .rx
@@ -295,7 +403,11 @@ impl MsgTransport {
 
     /// The first error a `Transport` method swallowed (its trait cannot return errors).
     pub fn take_failure(&self) -> Option<DriverError> {
-        self.failure.borrow_mut().take()
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Sends a request and waits for its response; events arriving meanwhile are recorded.
@@ -305,8 +417,29 @@ impl MsgTransport {
         body: Body<'_>,
         accept: impl Fn(&Body<'_>) -> Option<T>,
     ) -> Result<T, DriverError> {
+        if self.shared.broken() {
+            return Err(DriverError::Failed);
+        }
+        let r = self.exchange(what, body, accept);
+        if matches!(r, Err(DriverError::Timeout { .. } | DriverError::Bus(_))) {
+            self.shared
+                .broken
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        r
+    }
+
+    fn exchange<T>(
+        &self,
+        what: &'static str,
+        body: Body<'_>,
+        accept: impl Fn(&Body<'_>) -> Option<T>,
+    ) -> Result<T, DriverError> {
         let (id, _, _) = body.kind();
-        let token = self.token;
+        // A fresh token per request: a late answer to an earlier request
+        // cannot be taken for this one.
+        let token = self.token.get().wrapping_add(1);
+        self.token.set(token);
         let mut out = self.out.borrow_mut();
         let n = Message {
             dev_num: self.shared.dev_num,
@@ -322,7 +455,11 @@ impl MsgTransport {
         let deadline = std::time::Instant::now() + RESPONSE_TIMEOUT;
         let mut rx = self.shared.rx.lock().unwrap_or_else(|p| p.into_inner());
         loop {
+            // Checked before every read, so a flood cannot outrun the deadline.
             let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(DriverError::Timeout { what });
+            }
             let RxState { buf, .. } = &mut *rx;
             let n = self
                 .shared
@@ -338,7 +475,12 @@ impl MsgTransport {
                 continue;
             }
             let (rid, response, bus) = msg.body.kind();
-            if response && !bus && rid == id && msg.dev_num == self.shared.dev_num {
+            if response
+                && !bus
+                && rid == id
+                && msg.dev_num == self.shared.dev_num
+                && msg.token == token
+            {
                 return accept(&msg.body).ok_or_else(|| DriverError::Unexpected {
                     what,
                     detail: format!("{:?}", msg.body),
@@ -350,8 +492,7 @@ impl MsgTransport {
 
     fn record<T: Default>(&self, r: Result<T, DriverError>) -> T {
         r.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "virtio-msg transport failure");
-            self.failure.borrow_mut().get_or_insert(e);
+            self.shared.fail(e);
             T::default()
         })
     }
@@ -407,7 +548,7 @@ impl MsgTransport {
 
 impl Transport for MsgTransport {
     fn device_type(&self) -> DeviceType {
-        DeviceType::try_from(self.info.device_id).unwrap_or(DeviceType::Block)
+        self.device_type
     }
 
     fn read_device_features(&mut self) -> u64 {
@@ -475,7 +616,7 @@ impl Transport for MsgTransport {
             _ => None,
         });
         r.unwrap_or_else(|e| {
-            self.failure.borrow_mut().get_or_insert(e);
+            self.shared.fail(e);
             DeviceStatus::FAILED
         })
     }
@@ -493,13 +634,12 @@ impl Transport for MsgTransport {
         );
         if let Ok(result) = r {
             if result != status.bits() {
-                // FEATURES_OK refused or DRIVER_OK failed: remember it; the driver will see it.
-                self.failure
-                    .borrow_mut()
-                    .get_or_insert(DriverError::Unexpected {
-                        what: "SET_DEVICE_STATUS",
-                        detail: format!("asked {:#x}, device has {result:#x}", status.bits()),
-                    });
+                // FEATURES_OK refused, DRIVER_OK failed or a reset requested:
+                // the transport is unusable from here on.
+                self.shared.fail(DriverError::Unexpected {
+                    what: "SET_DEVICE_STATUS (feature negotiation or device reset)",
+                    detail: format!("asked {:#x}, device has {result:#x}", status.bits()),
+                });
             }
         } else {
             self.record(r.map(|_| ()));
@@ -599,7 +739,26 @@ impl Transport for MsgTransport {
 
     fn read_config_generation(&self) -> u32 {
         let r = self.config_generation();
-        self.record(r)
+        let generation = self.record(r);
+        // virtio-drivers rereads config until the generation is stable; a
+        // device that changes it forever would hold the driver forever.
+        if self.generation.replace(Some(generation)) == Some(generation) {
+            self.generation_changes.set(0);
+        } else {
+            let changes = self.generation_changes.get().saturating_add(1);
+            self.generation_changes.set(changes);
+            if changes > MAX_GENERATION_CHANGES {
+                self.shared.fail(DriverError::InvalidDevice {
+                    what: "config generation (never settles)",
+                    value: u64::from(generation),
+                });
+                // Unusable from here: later reads fail (and read as 0) at once.
+                self.shared
+                    .broken
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        generation
     }
 
     fn read_config_space<T: FromBytes + IntoBytes>(

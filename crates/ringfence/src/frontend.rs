@@ -112,6 +112,10 @@ impl PhaseResult {
     }
 }
 
+fn slots_busy(slots: &[Slot]) -> bool {
+    slots.iter().any(|s| s.token.is_some())
+}
+
 /// Runs `count` requests of `len` bytes at the sectors `sector_of(i)` with `qd` in flight.
 #[allow(clippy::too_many_arguments)]
 fn run_phase(
@@ -147,6 +151,7 @@ fn run_phase(
     let mut done = 0u64;
     while done < count {
         // Submit into free slots.
+        let mut in_flight = slots_busy(&slots);
         for slot in slots.iter_mut().filter(|s| s.token.is_none()) {
             if next >= count {
                 break;
@@ -175,9 +180,24 @@ fn run_phase(
                 }
             };
             match t {
-                Ok(t) => slot.token = Some(t),
-                // The ring is full: retry once something completes.
-                Err(virtio_drivers::Error::QueueFull) => break,
+                Ok(t) => {
+                    slot.token = Some(t);
+                    in_flight = true;
+                }
+                // The ring is full: retry once something completes...
+                Err(virtio_drivers::Error::QueueFull)
+                    if in_flight || disk.peek_used().is_some() =>
+                {
+                    break
+                }
+                // ...unless nothing of ours is in flight: the ring is held by
+                // requests the device never completed.
+                Err(virtio_drivers::Error::QueueFull) => {
+                    tracing::error!("queue full with no request of this phase in flight");
+                    r.errors += 1;
+                    r.elapsed = start.elapsed();
+                    return r;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "submission failed");
                     r.errors += 1;
@@ -190,7 +210,15 @@ fn run_phase(
         let mut progressed = false;
         while let Some(t) = disk.peek_used() {
             let Some(slot) = slots.iter_mut().find(|s| s.token == Some(t)) else {
-                break;
+                // A used id that is not in flight: the device lies about the
+                // ring. Nothing used after it can be trusted either.
+                tracing::error!(
+                    used_id = t,
+                    "device used a descriptor that is not in flight"
+                );
+                r.errors += 1;
+                r.elapsed = start.elapsed();
+                return r;
             };
             slot.token = None;
             // SAFETY: same buffers as passed to the *_nb call that returned `t`.
@@ -279,9 +307,21 @@ pub fn attach(args: &FrontendArgs) -> Result<Attached, Box<dyn std::error::Error
     let pool =
         install_pool(BouncePool::new(window)).map_err(|_| "bounce pool already installed")?;
     let transport = MsgTransport::new(bus.clone(), dev_num)?;
+    let device_type = virtio_drivers::transport::Transport::device_type(&transport);
+    if device_type != virtio_drivers::transport::DeviceType::Block {
+        return Err(
+            format!("device {dev_num} is a {device_type:?} device, not a block device").into(),
+        );
+    }
     let waiter = transport.waiter();
-    let disk =
-        VirtIOBlk::<BounceHal, _>::new(transport).map_err(|e| format!("VirtIOBlk init: {e}"))?;
+    let disk = VirtIOBlk::<BounceHal, _>::new(transport);
+    // The Transport trait cannot return errors: a failure during set-up
+    // (refused features, a reset request, a device that stopped answering)
+    // is kept by the transport and checked here.
+    if let Some(failure) = waiter.failure() {
+        return Err(format!("device set-up failed: {failure}").into());
+    }
+    let disk = disk.map_err(|e| format!("VirtIOBlk init: {e}"))?;
     let capacity_sectors = disk.capacity();
     tracing::info!(
         dev_num,
@@ -392,9 +432,28 @@ fn workload(
             total.latencies_ns.extend(p.latencies_ns);
         }
         base_sector += count * sectors;
+        if !ok {
+            break; // the device misbehaved: do not drive it further
+        }
     }
-    // FLUSH makes the acknowledged writes durable.
-    if disk.flush().is_err() {
+    // FLUSH makes the acknowledged writes durable. virtio-drivers waits for
+    // it by spinning without a bound, so a device that never answers is met
+    // by a watchdog that ends the process with an error.
+    if all_ok {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watched = done.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(10));
+            if !watched.load(Ordering::SeqCst) {
+                eprintln!("ringfence: no response to FLUSH within 10 s: device gone");
+                std::process::exit(1);
+            }
+        });
+        all_ok = disk.flush().is_ok();
+        done.store(true, Ordering::SeqCst);
+    }
+    if let Some(failure) = waiter.failure() {
+        eprintln!("ringfence: transport failure: {failure}");
         all_ok = false;
     }
     let s = pool.stats();
