@@ -47,9 +47,45 @@ pub enum MemoryPolicy {
     },
 }
 
+/// Checks a mapped region against its file before anything touches it: a
+/// mapping that reaches past the end of its file faults (SIGBUS) on access.
+fn check_region_file(region: &vm_memory::GuestRegionMmap) -> Result<(), VhostUserDeviceError> {
+    let Some(fo) = region.file_offset() else {
+        return Ok(()); // anonymous memory cannot be truncated under us
+    };
+    let file_len = fo
+        .file()
+        .metadata()
+        .map_err(|e| VhostUserDeviceError::RegionFile {
+            start: region.start_addr().0,
+            reason: format!("fstat failed: {e}"),
+        })?
+        .len();
+    let end = fo.start().checked_add(region.len());
+    if end.is_none_or(|end| end > file_len) {
+        return Err(VhostUserDeviceError::RegionFile {
+            start: region.start_addr().0,
+            reason: format!(
+                "mmap_offset {:#x} + size {:#x} exceeds the {file_len:#x}-byte file",
+                fo.start(),
+                region.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Errors of the adapter.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserDeviceError {
+    /// A memory region does not fit its file.
+    #[error("memory region at {start:#x}: {reason}")]
+    RegionFile {
+        /// Guest address of the region.
+        start: u64,
+        /// What is wrong.
+        reason: String,
+    },
     /// The memory table is larger than the window.
     #[error("memory table of {total} bytes exceeds the {max}-byte shared window")]
     WindowTooLarge {
@@ -102,7 +138,10 @@ pub struct VhostUserDevice {
     queue_stats: Vec<QueueStats>,
     /// Queues the guest broke (bad ring index...): left alone until reset.
     broken: Vec<AtomicBool>,
-    memory: Mutex<Option<GuestMemoryAtomic<DeviceMemory>>>,
+    /// The memory table this adapter accepted (a snapshot: vhost-user-backend
+    /// installs a new table in its own shared view before asking us, so a
+    /// refused table must never reach a queue through that view).
+    memory: Mutex<Option<Arc<DeviceMemory>>>,
     num_queues: usize,
     max_queue_size: usize,
     device_features: u64,
@@ -195,8 +234,7 @@ impl VhostUserDevice {
             .memory
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|m| m.memory())
+            .clone()
         else {
             return Ok(());
         };
@@ -307,12 +345,21 @@ impl VhostUserBackend for VhostUserDevice {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<DeviceMemory>) -> std::io::Result<()> {
-        let snapshot = mem.memory();
+        let snapshot = mem.memory().into_inner();
+        // Until this table is accepted, no queue touches guest memory.
+        *self.memory.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let total: u64 = snapshot.iter().map(|r| r.len()).sum();
         let regions: Vec<String> = snapshot
             .iter()
             .map(|r| format!("{:#x}+{:#x}", r.start_addr().0, r.len()))
             .collect();
+        for region in snapshot.iter() {
+            if let Err(e) = check_region_file(region) {
+                self.stats.memory_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, ?regions, "refusing memory table");
+                return Err(e.into());
+            }
+        }
         if let MemoryPolicy::SharedWindow { max_bytes } = self.policy {
             if total > max_bytes {
                 self.stats.memory_refused.fetch_add(1, Ordering::Relaxed);
@@ -332,9 +379,8 @@ impl VhostUserBackend for VhostUserDevice {
         } else {
             tracing::info!(?regions, total, "guest memory mapped (full share)");
         }
-        drop(snapshot);
         self.stats.memory_updates.fetch_add(1, Ordering::Relaxed);
-        *self.memory.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        *self.memory.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshot);
         Ok(())
     }
 
@@ -370,6 +416,9 @@ impl VhostUserBackend for VhostUserDevice {
         // the worker thread (and every other queue) carries on: an error here
         // would end the thread for good.
         if let Err(e) = self.serve_queue(device_event, vring) {
+            if let Some(b) = self.broken.get(usize::from(device_event)) {
+                b.store(true, Ordering::Relaxed);
+            }
             tracing::error!(error = %e, "queue stopped until the device is reset");
         }
         Ok(())

@@ -111,6 +111,16 @@ fn start_daemon(
 }
 
 fn connect(socket: &Path, guest: &Guest, mem_size: u64) -> Result<Driver, vhost::Error> {
+    connect_at(socket, guest, mem_size, 0)
+}
+
+/// Like [`connect`], with the guest RAM region at `mmap_offset` in its file.
+fn connect_at(
+    socket: &Path,
+    guest: &Guest,
+    mem_size: u64,
+    mmap_offset: u64,
+) -> Result<Driver, vhost::Error> {
     // Until the previous session's listener is gone, a new connection may be
     // accepted by nobody and reset: retry until the first request is answered.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -141,7 +151,7 @@ fn connect(socket: &Path, guest: &Guest, mem_size: u64) -> Result<Driver, vhost:
         guest_phys_addr: GPA,
         memory_size: mem_size,
         userspace_addr: guest.va(0),
-        mmap_offset: 0,
+        mmap_offset,
         mmap_handle: guest.fd.as_raw_fd(),
     }])?;
     guest.write(0, &vec![0u8; 0x3000]);
@@ -260,6 +270,35 @@ fn serves_io_config_and_a_reconnecting_frontend() {
     }
     daemon.join().unwrap();
     assert!(backend.chains(0) >= 8);
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn a_region_past_the_end_of_its_file_is_refused_before_anything_touches_it() {
+    // The regression: such a region used to be mapped and served, and the
+    // first access killed the daemon with SIGBUS.
+    let img = image("sigbus");
+    let socket = std::env::temp_dir().join(format!("ringfence-vu-s-{}.sock", std::process::id()));
+    let backend = VhostUserDevice::new(
+        Box::new(Blk::open(&img, BlkOptions::default()).unwrap()),
+        MemoryPolicy::FullShare,
+    );
+    let daemon = start_daemon(&socket, backend.clone(), 2);
+    let guest = Guest::new();
+    let refused = connect_at(&socket, &guest, MEM as u64, MEM as u64);
+    assert!(refused.is_err(), "a region beyond its file was accepted");
+    assert_eq!(
+        backend
+            .stats()
+            .memory_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The daemon is alive and the next frontend is served.
+    let mut drv = connect(&socket, &guest, MEM as u64).unwrap();
+    assert_eq!(drv.read(&guest, 4, GPA + DATA as u64), 0);
+    drop(drv);
+    daemon.join().unwrap();
     let _ = std::fs::remove_file(&img);
 }
 
