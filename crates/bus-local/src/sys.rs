@@ -137,7 +137,7 @@ impl Seqpacket {
     /// one if the message was too large: the bus drops it) and the file
     /// descriptors it carried. Every descriptor the kernel installs is owned
     /// by the returned vector, so one that the caller does not want is closed
-    /// when dropped; room is left for [`CMSG_FDS`] of them, and anything
+    /// when dropped; room is left for `CMSG_FDS` (8) of them, and anything
     /// beyond that is discarded by the kernel (MSG_CTRUNC) without being
     /// installed.
     pub fn recv(&self, buf: &mut [u8]) -> Result<(usize, Vec<File>), BusError> {
