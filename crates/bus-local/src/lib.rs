@@ -22,7 +22,6 @@ use ringfence_bus::{
     LocalArea, SharedArea,
 };
 use ringfence_virtio_msg::consts::{ABSOLUTE_MAX_MSG_SIZE, MIN_USABLE_MSG_SIZE};
-use ringfence_virtio_msg::{Body, Message};
 use vm_memory::{FileOffset, MmapRegion};
 
 pub use sys::{poll_readable, EventFdDoorbell, Listener, Seqpacket};
@@ -86,21 +85,8 @@ fn check_config(cfg: &LocalBusConfig) -> Result<(), BusError> {
 }
 
 fn encode_local(msg: &LocalMsg, buf: &mut [u8]) -> Result<usize, BusError> {
-    let mut payload = [0u8; wire::MAX_PAYLOAD];
-    let (id, response, n) = msg.encode(&mut payload);
-    Message {
-        dev_num: 0,
-        token: 0,
-        body: Body::BusSpecific {
-            msg_id: id,
-            response,
-            payload: payload.get(..n).unwrap_or(&[]),
-        },
-    }
-    .encode(buf)
-    .map_err(|e| BusError::Protocol {
-        reason: e.to_string(),
-    })
+    msg.encode_message(buf)
+        .map_err(|WireError(reason)| BusError::Protocol { reason })
 }
 
 /// The device side of a local bus connection.

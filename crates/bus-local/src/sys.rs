@@ -515,16 +515,18 @@ impl Doorbell for EventFdDoorbell {
     }
 
     fn wait(&self, timeout: Option<Duration>) -> Result<bool, BusError> {
+        // Poll, then clear: a rung doorbell makes the poll return at once.
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
+            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+            if !poll_readable(self.0.as_raw_fd(), left)? {
+                return Ok(false);
+            }
+            // Readable but emptied meanwhile (by the peer): wait again.
             if self.try_clear()? {
                 return Ok(true);
             }
-            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
             if left.is_some_and(|l| l.is_zero()) {
-                return Ok(false);
-            }
-            if !poll_readable(self.0.as_raw_fd(), left)? {
                 return Ok(false);
             }
         }

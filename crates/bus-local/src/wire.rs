@@ -172,6 +172,24 @@ impl LocalMsg {
         }
     }
 
+    /// Encodes the whole message (virtio-msg header and payload) into `buf`;
+    /// returns its length.
+    pub fn encode_message(&self, buf: &mut [u8]) -> Result<usize, WireError> {
+        let mut payload = [0u8; MAX_PAYLOAD];
+        let (msg_id, response, n) = self.encode(&mut payload);
+        ringfence_virtio_msg::Message {
+            dev_num: 0,
+            token: 0,
+            body: Body::BusSpecific {
+                msg_id,
+                response,
+                payload: payload.get(..n).unwrap_or(&[]),
+            },
+        }
+        .encode(buf)
+        .map_err(|e| WireError(e.to_string()))
+    }
+
     /// True for messages that get no response.
     pub fn is_event(&self) -> bool {
         matches!(self, LocalMsg::DoorbellAttach { .. })

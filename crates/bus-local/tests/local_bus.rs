@@ -4,25 +4,9 @@ use std::os::fd::AsRawFd;
 
 use ringfence_bus::{DeviceBus, DeviceBusEvent, DriverBus};
 use ringfence_bus_local::{wire, LocalBusConfig, LocalDeviceBus, LocalDriverBus, Seqpacket};
-use ringfence_virtio_msg::{Body, Message};
 
 fn share_msg(id: u16, size: u64) -> Vec<u8> {
-    let mut payload = [0u8; 16];
-    payload[..2].copy_from_slice(&id.to_le_bytes());
-    payload[8..].copy_from_slice(&size.to_le_bytes());
-    let mut buf = [0u8; 64];
-    let n = Message {
-        dev_num: 0,
-        token: 0,
-        body: Body::BusSpecific {
-            msg_id: wire::AREA_SHARE,
-            response: false,
-            payload: &payload,
-        },
-    }
-    .encode(&mut buf)
-    .unwrap();
-    buf[..n].to_vec()
+    local(&wire::LocalMsg::AreaShare { id, size })
 }
 
 fn next_event(dev: &LocalDeviceBus) -> DeviceBusEvent {
@@ -71,20 +55,8 @@ fn oversized_messages_and_bad_areas_are_dropped() {
 }
 
 fn local(msg: &wire::LocalMsg) -> Vec<u8> {
-    let mut payload = [0u8; wire::MAX_PAYLOAD];
-    let (msg_id, response, n) = msg.encode(&mut payload);
     let mut buf = [0u8; 64];
-    let n = Message {
-        dev_num: 0,
-        token: 0,
-        body: Body::BusSpecific {
-            msg_id,
-            response,
-            payload: &payload[..n],
-        },
-    }
-    .encode(&mut buf)
-    .unwrap();
+    let n = msg.encode_message(&mut buf).unwrap();
     buf[..n].to_vec()
 }
 

@@ -238,8 +238,8 @@ impl Backend {
     /// Takes area `id` out of the device memory and waits until no worker
     /// holds a view that contains it; only then may the driver hear that it
     /// is out of use. `false` if a worker kept it beyond [`REVOKE_TIMEOUT`]
-    /// (a worker stuck inside one batch, on a hung disk say; the next batch
-    /// already uses the memory without it).
+    /// (a worker stuck inside one batch, on a hung disk say): the area is
+    /// then put back and stays shared.
     fn revoke_area(&mut self, id: u16) -> bool {
         let Some(area) = self.areas.remove(&id) else {
             return false;
@@ -257,6 +257,13 @@ impl Backend {
                     .revocations_timed_out
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(area = id, "area still in use after {REVOKE_TIMEOUT:?}");
+                // Refused: the area stays shared, as the bus still lists it,
+                // and the driver may ask again.
+                self.areas.insert(id, area);
+                self.memory
+                    .lock()
+                    .map(|g| g.replace(build_memory(&self.areas)))
+                    .ok();
                 return false;
             }
             std::thread::sleep(std::time::Duration::from_micros(100));

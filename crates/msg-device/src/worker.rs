@@ -132,8 +132,9 @@ impl Drop for Worker {
     }
 }
 
-/// Sleeps until one of `fds` is readable (EINTR is a wake-up too).
-fn poll_any(fds: &[RawFd]) {
+/// Sleeps until one of `fds` is readable; returns which ones are (none on
+/// EINTR, which the caller treats as a spurious wake-up).
+fn poll_any(fds: &[RawFd]) -> [bool; 2] {
     let mut pfds = [libc::pollfd {
         fd: -1,
         events: libc::POLLIN,
@@ -145,24 +146,27 @@ fn poll_any(fds: &[RawFd]) {
     let n = fds.len().min(pfds.len());
     // SAFETY: pfds is a valid array of at least n pollfds for the call.
     unsafe { libc::poll(pfds.as_mut_ptr(), n as libc::nfds_t, -1) };
+    pfds.map(|p| p.revents & libc::POLLIN != 0)
 }
 
 impl WorkerCtx {
-    /// Waits for a kick or a wake-up, clearing both.
+    /// Waits for a kick or a wake-up and clears what was rung: one poll and
+    /// one read per wake-up. A kick that arrives while the queue is being
+    /// processed leaves its descriptor readable, so the poll returns at once.
     fn wait_for_work(&self) {
+        let kick_fd = self.kick.as_ref().and_then(|k| k.pollable_fd());
         loop {
-            // Clear first, then look at the ring: a kick that arrives after
-            // the clear leaves the descriptor readable for the next poll.
-            let kicked = self
-                .kick
-                .as_ref()
-                .is_some_and(|k| k.try_clear().unwrap_or(false));
-            if self.wake.clear() | kicked {
-                return;
-            }
-            match self.kick.as_ref().and_then(|k| k.pollable_fd()) {
+            let [woken, kicked] = match kick_fd {
                 Some(kick) => poll_any(&[self.wake.fd(), kick]),
                 None => poll_any(&[self.wake.fd()]),
+            };
+            let kicked = kicked
+                && self
+                    .kick
+                    .as_ref()
+                    .is_some_and(|k| k.try_clear().unwrap_or(false));
+            if (woken && self.wake.clear()) | kicked {
+                return;
             }
         }
     }

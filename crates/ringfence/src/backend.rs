@@ -135,7 +135,7 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         active.fetch_add(1, Ordering::SeqCst);
         stats.connections.fetch_add(1, Ordering::Relaxed);
-        let (args, stats, active, finished) = (
+        let (args, stats, slot, finished) = (
             args.clone(),
             stats.clone(),
             active.clone(),
@@ -148,10 +148,11 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
                     stats.connections_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "connection ended with an error");
                 }
-                active.fetch_sub(1, Ordering::SeqCst);
+                slot.fetch_sub(1, Ordering::SeqCst);
                 finished.store(true, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
+            active.fetch_sub(1, Ordering::SeqCst);
             tracing::error!(error = %e, "cannot start a connection thread");
         }
     }

@@ -299,20 +299,8 @@ fn event_idx_suppresses_notifications_exactly() {
 }
 
 fn local_msg(msg: &wire::LocalMsg) -> Vec<u8> {
-    let mut payload = [0u8; wire::MAX_PAYLOAD];
-    let (msg_id, response, n) = msg.encode(&mut payload);
     let mut buf = [0u8; 64];
-    let n = Message {
-        dev_num: 0,
-        token: 0,
-        body: Body::BusSpecific {
-            msg_id,
-            response,
-            payload: &payload[..n],
-        },
-    }
-    .encode(&mut buf)
-    .unwrap();
+    let n = msg.encode_message(&mut buf).unwrap();
     buf[..n].to_vec()
 }
 
