@@ -635,7 +635,7 @@ impl Transport for MsgTransport {
         if let Ok(result) = r {
             if result != status.bits() {
                 // FEATURES_OK refused, DRIVER_OK failed or a reset requested:
-                // the transport is unusable from here on.
+                // kept for the caller, who must not drive the device further.
                 self.shared.fail(DriverError::Unexpected {
                     what: "SET_DEVICE_STATUS (feature negotiation or device reset)",
                     detail: format!("asked {:#x}, device has {result:#x}", status.bits()),

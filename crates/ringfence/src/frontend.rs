@@ -507,6 +507,14 @@ fn workload(
 fn bench(disk: &mut Disk, waiter: &CompletionWaiter, capacity: u64, args: &FrontendArgs) -> bool {
     let poll = workload_poll(args);
     let span = capacity.min((256u64 << 20) / SECTOR_SIZE as u64);
+    // The capacity is the device's word: at least one 128 KiB request must fit.
+    let seq_sectors = 128 * 1024 / SECTOR_SIZE as u64;
+    if span < seq_sectors {
+        eprintln!(
+            "ringfence: device capacity of {capacity} sectors is too small for the benchmark"
+        );
+        return false;
+    }
     let mut x = args.seed | 1;
     let mut rnd = move || {
         x ^= x << 13;
@@ -520,7 +528,6 @@ fn bench(disk: &mut Disk, waiter: &CompletionWaiter, capacity: u64, args: &Front
     let _ = run_phase(disk, waiter, false, 4096, 2000, 1, 0, false, poll, &at);
     let mut qd1 = run_phase(disk, waiter, false, 4096, 20_000, 1, 0, false, poll, &at);
     let qd16 = run_phase(disk, waiter, false, 4096, 50_000, 16, 0, false, poll, &at);
-    let seq_sectors = 128 * 1024 / SECTOR_SIZE as u64;
     let seq_count = (span / seq_sectors).min(2048);
     let seq = run_phase(
         disk,
