@@ -187,6 +187,26 @@ impl Blk {
         put(c, 56, &[1]); // write_zeroes_may_unmap
     }
 
+    /// Another device instance on the same image (a duplicated descriptor,
+    /// fresh counters): a backend serving several frontends, or running
+    /// sandboxed where it may no longer open files, makes them from one
+    /// image opened at start.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        let disk = &self.disk;
+        Ok(Blk {
+            disk: Arc::new(Disk {
+                file: disk.file.try_clone()?,
+                sectors: disk.sectors,
+                read_only: disk.read_only,
+                id: disk.id,
+                stats: RequestStats::default(),
+            }),
+            opts: self.opts.clone(),
+            config: self.config,
+            writeback: self.writeback,
+        })
+    }
+
     /// Capacity in sectors.
     pub fn sectors(&self) -> u64 {
         self.disk.sectors

@@ -55,6 +55,9 @@ pub struct BackendArgs {
     /// Milliseconds a new connection has to send the bus VERSION handshake.
     #[arg(long, default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
+    /// Do not install the seccomp allow-list after set-up (for debugging).
+    #[arg(long)]
+    pub no_sandbox: bool,
     /// The device to serve.
     #[command(subcommand)]
     pub device: DeviceArgs,
@@ -84,28 +87,63 @@ pub enum DeviceArgs {
 pub fn build_device(
     args: &DeviceArgs,
 ) -> Result<Box<dyn VirtioDevice>, Box<dyn std::error::Error>> {
-    Ok(match args {
-        DeviceArgs::Blk {
-            image,
-            read_only,
-            num_queues,
-            queue_size,
-        } => Box::new(Blk::open(
-            image,
-            BlkOptions {
-                read_only: *read_only,
-                num_queues: *num_queues,
-                queue_size: *queue_size,
-                ..Default::default()
-            },
-        )?),
-    })
+    Ok(DeviceTemplate::open(args)?.instance()?)
+}
+
+/// Installs the seccomp allow-list of `profile` unless told not to.
+pub fn sandbox(
+    profile: ringfence_sandbox::Profile,
+    disabled: bool,
+) -> Result<(), ringfence_sandbox::SandboxError> {
+    if disabled {
+        tracing::warn!("running without the seccomp sandbox");
+        return Ok(());
+    }
+    let allowed = ringfence_sandbox::install(profile)?;
+    tracing::info!(?profile, allowed, "seccomp sandbox installed");
+    Ok(())
+}
+
+/// Devices opened at start; each connection gets its own instances.
+pub enum DeviceTemplate {
+    /// A block device on its image.
+    Blk(Blk),
+}
+
+impl DeviceTemplate {
+    /// Opens what the command line names.
+    pub fn open(args: &DeviceArgs) -> Result<Self, Box<dyn std::error::Error>> {
+        Ok(match args {
+            DeviceArgs::Blk {
+                image,
+                read_only,
+                num_queues,
+                queue_size,
+            } => DeviceTemplate::Blk(Blk::open(
+                image,
+                BlkOptions {
+                    read_only: *read_only,
+                    num_queues: *num_queues,
+                    queue_size: *queue_size,
+                    ..Default::default()
+                },
+            )?),
+        })
+    }
+
+    /// A fresh device instance for one connection.
+    pub fn instance(&self) -> std::io::Result<Box<dyn VirtioDevice>> {
+        Ok(match self {
+            DeviceTemplate::Blk(b) => Box::new(b.try_clone()?),
+        })
+    }
 }
 
 pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
     install_signal_handlers();
-    // Open the device once up front so a bad command line fails at start.
-    drop(build_device(&args.device)?);
+    // The image is opened once, here: each connection gets its own device
+    // instance on a duplicate of it, and the sandbox forbids opening files.
+    let template = DeviceTemplate::open(&args.device)?;
     let cfg = LocalBusConfig {
         max_msg_size: args.max_msg_size,
         doorbells: !args.no_doorbells,
@@ -113,11 +151,13 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     let listener = Listener::bind(&args.socket_path)?;
+    sandbox(ringfence_sandbox::Profile::Backend, args.no_sandbox)?;
     tracing::info!(socket = %args.socket_path.display(), pid = std::process::id(), max_connections = args.max_connections, "backend listening");
     let stats = Arc::new(BackendStats::default());
     let active = Arc::new(AtomicUsize::new(0));
     let finished = Arc::new(AtomicBool::new(false));
     let args = Arc::new(args);
+    let template = Arc::new(template);
     while !(STOP.load(Ordering::SeqCst) || args.once && finished.load(Ordering::SeqCst)) {
         let sock = match listener.accept(Some(Duration::from_millis(200))) {
             Ok(Some(s)) => s,
@@ -135,8 +175,9 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         active.fetch_add(1, Ordering::SeqCst);
         stats.connections.fetch_add(1, Ordering::Relaxed);
-        let (args, stats, slot, finished) = (
+        let (args, template, stats, slot, finished) = (
             args.clone(),
+            template.clone(),
             stats.clone(),
             active.clone(),
             finished.clone(),
@@ -144,7 +185,7 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
         let spawned = std::thread::Builder::new()
             .name("connection".into())
             .spawn(move || {
-                if let Err(e) = serve_connection(&args, sock, cfg, &stats) {
+                if let Err(e) = serve_connection(&args, &template, sock, cfg, &stats) {
                     stats.connections_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "connection ended with an error");
                 }
@@ -167,12 +208,13 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
 /// Serves one frontend with device instances of its own.
 fn serve_connection(
     args: &BackendArgs,
+    template: &DeviceTemplate,
     sock: ringfence_bus_local::Seqpacket,
     cfg: LocalBusConfig,
     stats: &Arc<BackendStats>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!("frontend connected");
-    let device = build_device(&args.device)?;
+    let device = template.instance()?;
     let bus = Arc::new(LocalDeviceBus::new(sock, cfg)?);
     let mut backend = Backend::with_stats(vec![device], stats.clone());
     backend.set_poll(Duration::from_micros(args.poll_us));

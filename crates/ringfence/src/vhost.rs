@@ -8,7 +8,7 @@ use ringfence_vhost_user::{MemoryPolicy, VhostUserDevice};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::{build_device, install_signal_handlers, DeviceArgs, STOP};
+use crate::backend::{build_device, install_signal_handlers, sandbox, DeviceArgs, STOP};
 
 /// Options of `ringfence vhost-user`.
 #[derive(Debug, clap::Args)]
@@ -26,6 +26,9 @@ pub struct VhostUserArgs {
     /// Exit after the first frontend disconnects (default: wait for the next one).
     #[arg(long)]
     pub once: bool,
+    /// Do not install the seccomp allow-list after set-up (for debugging).
+    #[arg(long)]
+    pub no_sandbox: bool,
     /// The device to serve.
     #[command(subcommand)]
     pub device: DeviceArgs,
@@ -52,6 +55,7 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         }
         std::thread::sleep(Duration::from_millis(50));
     });
+    sandbox(ringfence_sandbox::Profile::VhostUser, args.no_sandbox)?;
     tracing::info!(socket = %args.socket_path.display(), ?policy, "vhost-user backend listening");
     loop {
         // A fresh daemon per connection: vhost-user-backend keeps ownership
