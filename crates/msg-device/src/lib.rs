@@ -43,7 +43,8 @@ pub struct BackendStats {
     pub connections_failed: AtomicU64,
     /// EVENT_AVAIL received.
     pub avail_events: AtomicU64,
-    /// Queues broken by the driver (DEVICE_NEEDS_RESET raised).
+    /// DEVICE_NEEDS_RESET raised because the driver broke a queue (a bad
+    /// ring or chain at run time, a bad SET_VQUEUE, a failed activation).
     pub queue_failures: AtomicU64,
     /// Queue workers that did not stop in time and were left behind.
     pub workers_abandoned: AtomicU64,

@@ -280,6 +280,9 @@ impl DeviceTransport {
 
     fn fail(&mut self, why: &str) {
         tracing::warn!(dev = self.notifier.dev_num, "device needs reset: {why}");
+        if let Some(s) = &self.stats {
+            s.queue_failures.fetch_add(1, Ordering::Relaxed);
+        }
         self.notifier.needs_reset.store(true, Ordering::SeqCst);
         let _ = self.notifier.trigger(InterruptKind::Config);
     }

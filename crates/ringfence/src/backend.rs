@@ -11,18 +11,25 @@ use ringfence_device::VirtioDevice;
 use ringfence_msg_device::{Backend, BackendStats};
 
 pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
+/// Set by SIGUSR1: print the counters now.
+static DUMP: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGUSR1 {
+        DUMP.store(true, Ordering::SeqCst);
+    } else {
+        STOP.store(true, Ordering::SeqCst);
+    }
 }
 
-/// Installs SIGTERM/SIGINT handlers without SA_RESTART, so blocking calls return EINTR.
+/// Installs SIGTERM/SIGINT (stop) and SIGUSR1 (print the counters)
+/// handlers without SA_RESTART, so blocking calls return EINTR.
 pub fn install_signal_handlers() {
     // SAFETY: sigaction with a handler that only stores to an atomic.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_signal as *const () as usize;
-        for sig in [libc::SIGTERM, libc::SIGINT] {
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1] {
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
     }
@@ -159,6 +166,9 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
     let args = Arc::new(args);
     let template = Arc::new(template);
     while !(STOP.load(Ordering::SeqCst) || args.once && finished.load(Ordering::SeqCst)) {
+        if DUMP.swap(false, Ordering::SeqCst) {
+            println!("backend stats: {stats}");
+        }
         let sock = match listener.accept(Some(Duration::from_millis(200))) {
             Ok(Some(s)) => s,
             Ok(None) => continue,

@@ -17,7 +17,7 @@ use ringfence_bus::{
 };
 use ringfence_bus_local::{wire, LocalBusConfig, LocalDriverBus, Seqpacket};
 use ringfence_msg_driver::MsgTransport;
-use ringfence_virtio_msg::{decode, Body, Message};
+use ringfence_virtio_msg::{Body, Message};
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
 type Doorbells = Vec<(u16, DoorbellDirection, Arc<dyn Doorbell>)>;
@@ -296,50 +296,6 @@ fn event_idx_suppresses_notifications_exactly() {
     );
     drop((t, queues, pool, bus));
     finish(be);
-}
-
-fn local_msg(msg: &wire::LocalMsg) -> Vec<u8> {
-    let mut buf = [0u8; 64];
-    let n = msg.encode_message(&mut buf).unwrap();
-    buf[..n].to_vec()
-}
-
-/// A raw connection that has done the VERSION handshake.
-fn raw_connection(socket: &std::path::Path) -> Seqpacket {
-    let sock = Seqpacket::connect(socket).unwrap();
-    let version = wire::LocalMsg::Version {
-        revision: 1,
-        max_msg_size: 264,
-        features: wire::FEATURE_DOORBELLS,
-    };
-    sock.send(&local_msg(&version), &[]).unwrap();
-    let mut buf = [0u8; 300];
-    assert!(sock.wait_readable(Some(Duration::from_secs(5))).unwrap());
-    sock.recv(&mut buf).unwrap();
-    sock
-}
-
-fn raw_ping(sock: &Seqpacket, data: u32) -> bool {
-    let mut buf = [0u8; 300];
-    let n = Message {
-        dev_num: 0,
-        token: 1,
-        body: Body::Ping { data },
-    }
-    .encode(&mut buf)
-    .unwrap();
-    sock.send(&buf[..n], &[]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while sock
-        .wait_readable(Some(deadline.saturating_duration_since(Instant::now())))
-        .unwrap()
-    {
-        let (n, _) = sock.recv(&mut buf).unwrap();
-        if decode(&buf[..n]).map(|m| m.body) == Ok(Body::Pong { data }) {
-            return true;
-        }
-    }
-    false
 }
 
 #[test]

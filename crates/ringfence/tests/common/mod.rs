@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringfence_bus::DriverBus;
-use ringfence_bus_local::{LocalBusConfig, LocalDriverBus};
+use ringfence_bus_local::{wire, LocalBusConfig, LocalDriverBus, Seqpacket};
 use ringfence_msg_driver::{discover, BouncePool, MsgTransport};
 use ringfence_virtio_msg::{decode, Body, Message};
 use virtio_drivers::transport::{DeviceStatus, Transport};
@@ -249,4 +249,48 @@ pub fn raw_device_on(
     );
     assert!(t.take_failure().is_none());
     (t, pool, raw, bus)
+}
+
+pub fn local_msg(msg: &wire::LocalMsg) -> Vec<u8> {
+    let mut buf = [0u8; 64];
+    let n = msg.encode_message(&mut buf).unwrap();
+    buf[..n].to_vec()
+}
+
+/// A raw connection that has done the VERSION handshake.
+pub fn raw_connection(socket: &std::path::Path) -> Seqpacket {
+    let sock = Seqpacket::connect(socket).unwrap();
+    let version = wire::LocalMsg::Version {
+        revision: 1,
+        max_msg_size: 264,
+        features: wire::FEATURE_DOORBELLS,
+    };
+    sock.send(&local_msg(&version), &[]).unwrap();
+    let mut buf = [0u8; 300];
+    assert!(sock.wait_readable(Some(Duration::from_secs(5))).unwrap());
+    sock.recv(&mut buf).unwrap();
+    sock
+}
+
+pub fn raw_ping(sock: &Seqpacket, data: u32) -> bool {
+    let mut buf = [0u8; 300];
+    let n = Message {
+        dev_num: 0,
+        token: 1,
+        body: Body::Ping { data },
+    }
+    .encode(&mut buf)
+    .unwrap();
+    sock.send(&buf[..n], &[]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sock
+        .wait_readable(Some(deadline.saturating_duration_since(Instant::now())))
+        .unwrap()
+    {
+        let (n, _) = sock.recv(&mut buf).unwrap();
+        if decode(&buf[..n]).map(|m| m.body) == Ok(Body::Pong { data }) {
+            return true;
+        }
+    }
+    false
 }
