@@ -36,12 +36,26 @@ struct Guest {
 }
 
 impl Guest {
+    /// Guest RAM sealed against shrinking, as QEMU's memfd backend makes it by default.
     fn new() -> Self {
+        Self::with_seals(libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)
+    }
+
+    /// Guest RAM the frontend could still truncate.
+    fn unsealed() -> Self {
+        Self::with_seals(0)
+    }
+
+    fn with_seals(seals: i32) -> Self {
         let name = std::ffi::CString::new("guest-ram").unwrap();
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING) };
         assert!(fd >= 0);
         let fd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         fd.set_len(MEM as u64).unwrap();
+        assert_eq!(
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) },
+            0
+        );
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -288,20 +302,63 @@ fn a_region_past_the_end_of_its_file_is_refused_before_anything_touches_it() {
         Box::new(Blk::open(&img, BlkOptions::default()).unwrap()),
         MemoryPolicy::FullShare,
     );
-    let daemon = start_daemon(&socket, backend.clone(), 2);
+    let daemon = start_daemon(&socket, backend.clone(), 3);
     let guest = Guest::new();
     let refused = connect_at(&socket, &guest, MEM as u64, MEM as u64);
     assert!(refused.is_err(), "a region beyond its file was accepted");
+    // A memfd the frontend could still shrink under the mapping later.
+    let unsealed = Guest::unsealed();
+    assert!(
+        connect(&socket, &unsealed, MEM as u64).is_err(),
+        "an unsealed memfd was accepted"
+    );
     assert_eq!(
         backend
             .stats()
             .memory_refused
             .load(std::sync::atomic::Ordering::Relaxed),
-        1
+        2
     );
     // The daemon is alive and the next frontend is served.
     let mut drv = connect(&socket, &guest, MEM as u64).unwrap();
     assert_eq!(drv.read(&guest, 4, GPA + DATA as u64), 0);
+    drop(drv);
+    daemon.join().unwrap();
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn a_wedged_call_eventfd_cannot_stop_the_queue() {
+    // The frontend makes its call eventfd blocking and parks the counter
+    // one below its maximum: a plain write(2) from the worker would block
+    // until the frontend reads, and the queue would stop.
+    let img = image("wedge");
+    let socket = std::env::temp_dir().join(format!("ringfence-vu-w-{}.sock", std::process::id()));
+    let backend = VhostUserDevice::new(
+        Box::new(Blk::open(&img, BlkOptions::default()).unwrap()),
+        MemoryPolicy::FullShare,
+    );
+    let daemon = start_daemon(&socket, backend.clone(), 1);
+    let guest = Guest::new();
+    let mut drv = connect(&socket, &guest, MEM as u64).unwrap();
+    let fd = drv.call.as_raw_fd();
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFL, 0) }, 0);
+    let parked = (u64::MAX - 1).to_ne_bytes();
+    assert_eq!(unsafe { libc::write(fd, parked.as_ptr().cast(), 8) }, 8);
+    for sector in 0..3u64 {
+        drv.post(&guest, sector, GPA + DATA as u64);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while guest.u16_at(USED + 2) != drv.next {
+            assert!(
+                Instant::now() < deadline,
+                "queue stopped after request {sector}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut status = [0xFFu8];
+        guest.read(STATUS, &mut status);
+        assert_eq!(status[0], 0);
+    }
     drop(drv);
     daemon.join().unwrap();
     let _ = std::fs::remove_file(&img);
