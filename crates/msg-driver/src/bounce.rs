@@ -176,25 +176,37 @@ impl BouncePool {
         self.mapping().get_slice(offset, len).ok()
     }
 
+    /// Takes a run of `slots` slots aligned to `align` slots; returns its
+    /// device address and window. Nothing stays allocated on an error.
+    fn take_run(
+        &self,
+        slots: usize,
+        align: usize,
+    ) -> Result<(u64, VolatileSlice<'_, ()>), BounceError> {
+        let start = self.lock().alloc(slots, align).ok_or_else(|| {
+            self.stats.exhausted.fetch_add(1, Ordering::Relaxed);
+            BounceError::Exhausted { slots }
+        })?;
+        let offset = start * SLOT_SIZE;
+        let run = self
+            .window(offset, slots * SLOT_SIZE)
+            .zip(area_addr(self.area.id, offset as u64));
+        match run {
+            Some((window, addr)) => Ok((addr, window)),
+            None => {
+                self.lock().free(start);
+                Err(BounceError::Exhausted { slots })
+            }
+        }
+    }
+
     /// Allocates `len` bytes aligned to `align` bytes, zeroed; returns
     /// (device address, local pointer).
     pub fn alloc(&self, len: usize, align: usize) -> Result<(u64, *mut u8), BounceError> {
         let slots = len.div_ceil(SLOT_SIZE).max(1);
-        let start = self
-            .lock()
-            .alloc(slots, align.div_ceil(SLOT_SIZE))
-            .ok_or_else(|| {
-                self.stats.exhausted.fetch_add(1, Ordering::Relaxed);
-                BounceError::Exhausted { slots }
-            })?;
-        let offset = start * SLOT_SIZE;
-        let slice = self
-            .window(offset, slots * SLOT_SIZE)
-            .ok_or(BounceError::Exhausted { slots })?;
-        zero(&slice);
-        let addr =
-            area_addr(self.area.id, offset as u64).ok_or(BounceError::Exhausted { slots })?;
-        Ok((addr, slice.ptr_guard_mut().as_ptr()))
+        let (addr, window) = self.take_run(slots, align.div_ceil(SLOT_SIZE))?;
+        zero(&window);
+        Ok((addr, window.ptr_guard_mut().as_ptr()))
     }
 
     /// Frees an allocation by its device address.
@@ -213,27 +225,23 @@ impl BouncePool {
     /// it, and zeroes the slots otherwise.
     pub fn map(&self, buf: &[u8], device_reads: bool) -> Result<u64, BounceError> {
         let slots = buf.len().div_ceil(SLOT_SIZE).max(1);
-        let start = self.lock().alloc(slots, 1).ok_or_else(|| {
-            self.stats.exhausted.fetch_add(1, Ordering::Relaxed);
-            BounceError::Exhausted { slots }
-        })?;
-        let offset = start * SLOT_SIZE;
-        if let Some(w) = self.window(offset, buf.len()) {
-            if device_reads {
-                w.copy_from(buf);
-                self.stats
-                    .bytes_in
-                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            } else {
-                // The whole buffer is copied back on unmap: bytes the device
-                // does not write must read as zero, not as what an earlier
-                // request left in these slots (the swiotlb leak,
-                // CVE-2022-0854 class).
-                zero(&w);
-            }
+        let (addr, window) = self.take_run(slots, 1)?;
+        // The run holds at least buf.len() bytes.
+        let w = window.subslice(0, buf.len()).unwrap_or(window);
+        if device_reads {
+            w.copy_from(buf);
+            self.stats
+                .bytes_in
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        } else {
+            // The whole buffer is copied back on unmap: bytes the device
+            // does not write must read as zero, not as what an earlier
+            // request left in these slots (the swiotlb leak,
+            // CVE-2022-0854 class).
+            zero(&w);
         }
         self.stats.maps.fetch_add(1, Ordering::Relaxed);
-        area_addr(self.area.id, offset as u64).ok_or(BounceError::Exhausted { slots })
+        Ok(addr)
     }
 
     /// Ends a mapping; copies the window back into `buf` when the device wrote it.
