@@ -1,6 +1,7 @@
-//! AREA_UNSHARE of an area a worker is using at that moment: the answer
-//! waits for the worker, and a worker that keeps the area too long gets the
-//! revocation refused (the area stays shared and can be revoked later).
+//! A request held by a worker while the driver acts: AREA_UNSHARE of the
+//! area it uses waits for the worker, and one held too long is refused (the
+//! area stays shared and can be revoked later); a reset does not wait for a
+//! worker that will not stop, it abandons it after a bound and counts it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -160,4 +161,22 @@ fn a_worker_that_keeps_the_area_too_long_gets_the_revocation_refused_then_retrie
     let stats = backend.stats();
     assert_eq!(stats.revocations_timed_out.load(Ordering::Relaxed), 1);
     assert_eq!(stats.areas_revoked.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_reset_abandons_a_worker_that_does_not_stop_in_time() {
+    let (bus, _data, finished, server, mut t) = request_in_flight(Duration::from_secs(4));
+    let start = Instant::now();
+    t.set_status(DeviceStatus::empty());
+    assert!(t.take_failure().is_none(), "reset not answered");
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "reset waited {took:?} for a stuck worker"
+    );
+    assert!(!finished.load(Ordering::SeqCst), "the worker was not stuck");
+    assert_eq!(t.get_status(), DeviceStatus::empty());
+    drop((t, bus));
+    let backend = server.join().unwrap();
+    assert_eq!(backend.stats().workers_abandoned.load(Ordering::Relaxed), 1);
 }
