@@ -3,6 +3,7 @@
 //! (virtio-msg, vhost-user) or which memory model (window + bounce, grants,
 //! full share) serves it. Memory is passed as a parameter on every call.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -102,6 +103,43 @@ pub trait QueueHandler: Send {
     /// which breaks the queue (the chain is not put on the used ring and
     /// nothing is written). Never panics.
     fn handle_chain(&mut self, chain: Chain<'_>, mem: &DeviceMemory) -> Result<u32, ChainError>;
+
+    /// Whether the handler has something for the next available chain.
+    /// A queue that serves driver requests (TX, block) is always ready; a
+    /// queue the backend fills on its own (net RX, console input) is ready
+    /// once it holds data from its backend end, and a rate-limited one once
+    /// its budget allows. It is asked before each chain is popped, so a
+    /// handler that is not ready never costs the driver a buffer.
+    fn ready(&mut self) -> bool {
+        true
+    }
+
+    /// A descriptor that becomes readable when a handler that was not
+    /// [`ready`](Self::ready) may be again (a TAP or PTY, a timer). The
+    /// transport waits on it only while the driver has buffers the handler
+    /// could not fill, so a source with data but no driver buffers is never
+    /// polled (no busy loop) and its data stays where it is (no drop). The
+    /// handler clears the readiness itself (in `ready`); one that stays
+    /// readable while the handler is not ready would make the transport spin.
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// Serves the queue once: pops available chains, answers them and puts
+    /// them on the used ring. The default answers one chain at a time with
+    /// [`handle_chain`](Self::handle_chain) (see [`process_queue`]); a
+    /// handler whose answers span several chains (net RX with mergeable
+    /// buffers) overrides it and must keep the same contract: at most
+    /// [`MAX_CHAINS_PER_CALL`] chains, EVENT_IDX honoured, nothing visible
+    /// to the driver on the used ring before its bytes are written.
+    fn process(
+        &mut self,
+        queue: &mut Queue,
+        mem: &DeviceMemory,
+        stats: &QueueStats,
+    ) -> Result<Processed, QueueFailure> {
+        process_queue(queue, mem, self, stats)
+    }
 }
 
 /// One descriptor of a chain, copied out of shared memory.
@@ -222,18 +260,22 @@ pub struct Processed {
     /// The per-call bound was hit with chains still available: call again
     /// without waiting for a notification (none may come).
     pub more: bool,
+    /// The driver has buffers the handler could not fill (it was not
+    /// ready): wait on [`QueueHandler::wake_fd`] as well as on the kick.
+    pub starved: bool,
 }
 
 /// Pops every available chain of `queue` (at most [`MAX_CHAINS_PER_CALL`]),
 /// hands it to `handler`, puts it on the used ring, and tells whether the
 /// driver must be notified (honouring EVENT_IDX when enabled on the queue).
-pub fn process_queue(
+pub fn process_queue<H: QueueHandler + ?Sized>(
     queue: &mut Queue,
     mem: &DeviceMemory,
-    handler: &mut dyn QueueHandler,
+    handler: &mut H,
     stats: &QueueStats,
 ) -> Result<Processed, QueueFailure> {
     let mut processed = 0usize;
+    let mut starved = false;
     loop {
         if queue.event_idx_enabled() {
             queue.disable_notification(mem)?;
@@ -241,6 +283,10 @@ pub fn process_queue(
         // One chain at a time: no allocation on the data path, and a broken
         // avail index surfaces as an error instead of an empty queue.
         while processed < MAX_CHAINS_PER_CALL {
+            if !handler.ready() {
+                starved = queue.avail_idx(mem, Ordering::Acquire)?.0 != queue.next_avail();
+                break;
+            }
             let Some(chain) = queue.iter(mem)?.next() else {
                 break;
             };
@@ -249,8 +295,11 @@ pub fn process_queue(
             queue.add_used(mem, head, used)?;
             processed = processed.saturating_add(1);
         }
-        // With EVENT_IDX, re-enable and re-check so a buffer added meanwhile is not missed.
-        if processed >= MAX_CHAINS_PER_CALL
+        // With EVENT_IDX, re-enable and re-check so a buffer added meanwhile
+        // is not missed. A starved handler has buffers already: re-checking
+        // would spin until its backend end has data.
+        if starved
+            || processed >= MAX_CHAINS_PER_CALL
             || !queue.event_idx_enabled()
             || !queue.enable_notification(mem)?
         {
@@ -266,6 +315,7 @@ pub fn process_queue(
         chains: processed,
         notify,
         more: processed >= MAX_CHAINS_PER_CALL,
+        starved,
     })
 }
 

@@ -15,9 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ringfence_bus::Doorbell;
-use ringfence_device::{
-    process_queue, DeviceMemory, Interrupt, InterruptKind, QueueHandler, QueueStats,
-};
+use ringfence_device::{DeviceMemory, Interrupt, InterruptKind, QueueHandler, QueueStats};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -134,12 +132,12 @@ impl Drop for Worker {
 
 /// Sleeps until one of `fds` is readable; returns which ones are (none on
 /// EINTR, which the caller treats as a spurious wake-up).
-fn poll_any(fds: &[RawFd]) -> [bool; 2] {
+fn poll_any(fds: &[RawFd]) -> [bool; 3] {
     let mut pfds = [libc::pollfd {
         fd: -1,
         events: libc::POLLIN,
         revents: 0,
-    }; 2];
+    }; 3];
     for (p, &fd) in pfds.iter_mut().zip(fds) {
         p.fd = fd;
     }
@@ -153,13 +151,25 @@ impl WorkerCtx {
     /// Waits for a kick or a wake-up and clears what was rung: one poll and
     /// one read per wake-up. A kick that arrives while the queue is being
     /// processed leaves its descriptor readable, so the poll returns at once.
-    fn wait_for_work(&self) {
-        let kick_fd = self.kick.as_ref().and_then(|k| k.pollable_fd());
+    /// A `starved` handler (driver buffers waiting, no data for them) is
+    /// also woken by its own source, which it drains itself.
+    fn wait_for_work(&self, starved: bool) {
+        // -1 is ignored by poll.
+        let kick_fd = self
+            .kick
+            .as_ref()
+            .and_then(|k| k.pollable_fd())
+            .unwrap_or(-1);
+        let source_fd = if starved {
+            self.handler.wake_fd().unwrap_or(-1)
+        } else {
+            -1
+        };
         loop {
-            let [woken, kicked] = match kick_fd {
-                Some(kick) => poll_any(&[self.wake.fd(), kick]),
-                None => poll_any(&[self.wake.fd()]),
-            };
+            let [woken, kicked, source] = poll_any(&[self.wake.fd(), kick_fd, source_fd]);
+            if source {
+                return;
+            }
             let kicked = kicked
                 && self
                     .kick
@@ -174,16 +184,18 @@ impl WorkerCtx {
     fn run(&mut self, stop: &AtomicBool) {
         // Buffers may already be waiting (the driver kicked before DRIVER_OK completed).
         let mut pending = true;
+        let mut starved = false;
         loop {
             if !pending {
-                self.wait_for_work();
+                self.wait_for_work(starved);
             }
             if stop.load(Ordering::SeqCst) {
                 return;
             }
             let mem = self.memory.memory();
-            match process_queue(&mut self.queue, &mem, self.handler.as_mut(), &self.stats) {
+            match self.handler.process(&mut self.queue, &mem, &self.stats) {
                 Ok(done) => {
+                    starved = done.starved;
                     if done.notify {
                         if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(self.index)) {
                             tracing::warn!(error = %e, "used notification lost");
@@ -214,7 +226,9 @@ impl WorkerCtx {
             }
             // Like QEMU's adaptive polling: a new request usually follows soon,
             // and catching it here saves a sleep and a wakeup on both sides.
-            pending = self.poll_for_work(&mem);
+            // A starved queue has buffers already: polling the avail ring
+            // would spin until its source has data.
+            pending = !starved && self.poll_for_work(&mem);
         }
     }
 

@@ -13,11 +13,11 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
-use ringfence_device::{process_queue, DeviceMemory, QueueHandler, QueueStats, VirtioDevice};
+use ringfence_device::{DeviceMemory, QueueHandler, QueueStats, VirtioDevice};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
@@ -177,6 +177,11 @@ pub struct VhostUserDevice {
     queue_stats: Vec<QueueStats>,
     /// Queues the guest broke (bad ring index...): left alone until reset.
     broken: Vec<AtomicBool>,
+    /// The wake fd of each starved queue's handler, while it is registered
+    /// on that queue's worker epoll.
+    watched: Vec<Mutex<Option<std::os::fd::RawFd>>>,
+    /// The worker epolls of the current daemon (weak: they own us).
+    epolls: Mutex<Vec<Weak<VringEpollHandler<Arc<VhostUserDevice>>>>>,
     /// The memory table this adapter accepted (a snapshot: vhost-user-backend
     /// installs a new table in its own shared view before asking us, so a
     /// refused table must never reach a queue through that view).
@@ -204,6 +209,8 @@ impl VhostUserDevice {
             handlers: (0..n).map(|_| Mutex::new(None)).collect(),
             queue_stats: (0..n).map(|_| QueueStats::default()).collect(),
             broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            watched: (0..n).map(|_| Mutex::new(None)).collect(),
+            epolls: Mutex::new(Vec::new()),
             memory: Mutex::new(None),
             policy,
             stats: AdapterStats::default(),
@@ -222,11 +229,60 @@ impl VhostUserDevice {
             .map_or(0, |s| s.chains.load(Ordering::Relaxed))
     }
 
+    /// Hands the adapter the worker epolls of a new daemon
+    /// (`VhostUserDaemon::get_epoll_handlers`), on which a starved queue
+    /// waits for its handler's own source (a TAP, a PTY, a timer).
+    pub fn set_epoll_handlers(&self, handlers: &[Arc<VringEpollHandler<Arc<VhostUserDevice>>>]) {
+        *self.epolls.lock().unwrap_or_else(|p| p.into_inner()) =
+            handlers.iter().map(Arc::downgrade).collect();
+    }
+
+    /// Listener id of queue `q`'s handler source: ids up to num_queues
+    /// belong to vhost-user-backend.
+    fn source_id(&self, q: usize) -> u64 {
+        (self.num_queues + 1 + q) as u64
+    }
+
+    /// Watches (`Some(fd)`) or stops watching (`None`) queue `q`'s source.
+    fn watch_source(&self, q: usize, fd: Option<std::os::fd::RawFd>) {
+        let Some(slot) = self.watched.get(q) else {
+            return;
+        };
+        let mut watched = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if *watched == fd {
+            return;
+        }
+        // One worker thread per queue (queues_per_thread), so queue q's epoll is q's.
+        let epoll = self
+            .epolls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(q)
+            .and_then(Weak::upgrade);
+        let Some(epoll) = epoll else {
+            *watched = None;
+            return;
+        };
+        if let Some(old) = watched.take() {
+            let _ = epoll.unregister_listener(old, EventSet::IN, self.source_id(q));
+        }
+        if let Some(new) = fd {
+            match epoll.register_listener(new, EventSet::IN, self.source_id(q)) {
+                Ok(()) => *watched = Some(new),
+                Err(e) => tracing::warn!(queue = q, error = %e, "cannot watch the queue's source"),
+            }
+        }
+    }
+
     fn lock_inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn deactivate(&self, inner: &mut Inner) {
+        // Stop watching the handlers' sources before the handlers close them.
+        for q in 0..self.num_queues {
+            self.watch_source(q, None);
+        }
         for h in &self.handlers {
             *h.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
@@ -290,7 +346,7 @@ impl VhostUserDevice {
         loop {
             let done = {
                 let mut state = vring.get_mut();
-                process_queue(state.get_queue_mut(), &mem, handler.as_mut(), stats)
+                handler.process(state.get_queue_mut(), &mem, stats)
             };
             let done = match done {
                 Ok(d) => d,
@@ -306,6 +362,12 @@ impl VhostUserDevice {
                 signal_used(index, vring);
             }
             if !done.more {
+                let source = if done.starved {
+                    handler.wake_fd()
+                } else {
+                    None
+                };
+                self.watch_source(usize::from(index), source);
                 return Ok(());
             }
         }
@@ -437,18 +499,24 @@ impl VhostUserBackend for VhostUserDevice {
         device_event: u16,
         evset: EventSet,
         vrings: &[Self::Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> std::io::Result<()> {
         if evset != EventSet::IN {
             return Err(std::io::Error::other(format!(
                 "unexpected event set {evset:?}"
             )));
         }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
+        // One queue per worker thread (queues_per_thread): the thread's only
+        // vring is queue `thread_id`, and vhost-user-backend numbers its
+        // kick 0 within the thread. A handler's own source (watch_source)
+        // has an id above num_queues and serves the same queue.
+        let is_source = usize::from(device_event) > self.num_queues;
+        let Some(vring) = vrings.first().filter(|_| device_event == 0 || is_source) else {
             return Err(std::io::Error::other(format!(
-                "event for unknown queue {device_event}"
+                "event {device_event} on worker {thread_id} matches no queue"
             )));
         };
+        let device_event = u16::try_from(thread_id).unwrap_or(u16::MAX);
         // A queue the guest broke stops being served until the next reset, but
         // the worker thread (and every other queue) carries on: an error here
         // would end the thread for good.
