@@ -7,6 +7,7 @@
 //! through it.
 
 pub mod bounce;
+pub mod mux;
 
 use std::cell::{Cell, RefCell};
 use std::ptr::NonNull;
@@ -20,6 +21,7 @@ use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 pub use bounce::{BounceError, BouncePool, BounceStats};
+pub use mux::{BusMux, MuxOptions, MuxStats};
 
 /// How long to wait for a response before declaring the device gone.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -200,6 +202,21 @@ impl CompletionWaiter {
                 }
             }
         }
+    }
+
+    /// The descriptor that becomes readable when queue `q` has used buffers
+    /// (its call doorbell), for callers that wait on other sources too (a
+    /// TAP, a PTY) in one poll; `None` when notifications travel in-band.
+    /// After it is readable, `wait(q, Duration::ZERO)` clears it.
+    pub fn call_fd(&self, q: u16) -> Option<std::os::fd::RawFd> {
+        self.0
+            .calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(usize::from(q))
+            .cloned()
+            .flatten()
+            .and_then(|db| db.pollable_fd())
     }
 
     /// Notifies queue `q` again. Harmless when spurious; a driver uses it when a

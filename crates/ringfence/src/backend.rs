@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ringfence_blk::{Blk, BlkOptions};
 use ringfence_bus_local::{Listener, LocalBusConfig, LocalDeviceBus};
-use ringfence_device::VirtioDevice;
 use ringfence_msg_device::{Backend, BackendStats};
+
+use crate::devices::{open, parse_config, parse_spec, DeviceArgs, DeviceTemplate, SpecError};
 
 pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
 /// Set by SIGUSR1: print the counters now.
@@ -65,92 +65,82 @@ pub struct BackendArgs {
     /// Do not install the seccomp allow-list after set-up (for debugging).
     #[arg(long)]
     pub no_sandbox: bool,
-    /// The device to serve.
+    /// A device to serve, as `kind,key=value,...` with the options of the
+    /// device's subcommand (`net,tap=rf0`, `console,pty`, `rng,rate-limit=65536`);
+    /// repeat for several devices (numbered 1, 2, ... in order: --config
+    /// devices first, then --device, then the subcommand).
+    #[arg(long = "device", value_name = "SPEC")]
+    pub devices: Vec<String>,
+    /// TOML file with one `[[device]]` table per device (`type = "blk"`,
+    /// then the device's options).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// One more device, given as a subcommand with its options.
     #[command(subcommand)]
-    pub device: DeviceArgs,
+    pub device: Option<DeviceArgs>,
 }
 
-/// Devices the backend can serve.
-#[derive(Debug, clap::Subcommand)]
-pub enum DeviceArgs {
-    /// virtio-blk backed by a raw image.
-    Blk {
-        /// Raw disk image.
-        #[arg(long)]
-        image: PathBuf,
-        /// Refuse writes.
-        #[arg(long)]
-        read_only: bool,
-        /// Request queues (VIRTIO_BLK_F_MQ when > 1).
-        #[arg(long, default_value_t = 1)]
-        num_queues: u16,
-        /// Queue size offered.
-        #[arg(long, default_value_t = 256)]
-        queue_size: u16,
-    },
-}
-
-/// Opens the device model the command line names.
-pub fn build_device(
-    args: &DeviceArgs,
-) -> Result<Box<dyn VirtioDevice>, Box<dyn std::error::Error>> {
-    Ok(DeviceTemplate::open(args)?.instance()?)
+/// Every device the command line names, in device-number order.
+pub fn device_list(
+    config: Option<&std::path::Path>,
+    specs: &[String],
+    sub: Option<&DeviceArgs>,
+) -> Result<Vec<DeviceArgs>, SpecError> {
+    let mut list = match config {
+        Some(path) => parse_config(path)?,
+        None => Vec::new(),
+    };
+    for spec in specs {
+        list.push(parse_spec(spec)?);
+    }
+    list.extend(sub.cloned());
+    Ok(list)
 }
 
 /// Installs the seccomp allow-list of `profile` unless told not to.
 pub fn sandbox(
     profile: ringfence_sandbox::Profile,
+    devices: &[DeviceArgs],
     disabled: bool,
 ) -> Result<(), ringfence_sandbox::SandboxError> {
     if disabled {
         tracing::warn!("running without the seccomp sandbox");
         return Ok(());
     }
-    let allowed = ringfence_sandbox::install(profile)?;
+    let mut extras = ringfence_sandbox::Extras::default();
+    for d in devices {
+        match d {
+            DeviceArgs::Rng {
+                rate_limit: Some(_),
+            } => extras.timers = true,
+            DeviceArgs::Console {
+                socket: Some(_), ..
+            }
+            | DeviceArgs::Net { .. } => extras.epoll = true,
+            DeviceArgs::Vsock { .. } => {
+                extras.epoll = true;
+                extras.unix_connect = true;
+            }
+            _ => {}
+        }
+    }
+    let allowed = ringfence_sandbox::install_with(profile, extras)?;
     tracing::info!(?profile, allowed, "seccomp sandbox installed");
     Ok(())
-}
-
-/// Devices opened at start; each connection gets its own instances.
-pub enum DeviceTemplate {
-    /// A block device on its image.
-    Blk(Blk),
-}
-
-impl DeviceTemplate {
-    /// Opens what the command line names.
-    pub fn open(args: &DeviceArgs) -> Result<Self, Box<dyn std::error::Error>> {
-        Ok(match args {
-            DeviceArgs::Blk {
-                image,
-                read_only,
-                num_queues,
-                queue_size,
-            } => DeviceTemplate::Blk(Blk::open(
-                image,
-                BlkOptions {
-                    read_only: *read_only,
-                    num_queues: *num_queues,
-                    queue_size: *queue_size,
-                    ..Default::default()
-                },
-            )?),
-        })
-    }
-
-    /// A fresh device instance for one connection.
-    pub fn instance(&self) -> std::io::Result<Box<dyn VirtioDevice>> {
-        Ok(match self {
-            DeviceTemplate::Blk(b) => Box::new(b.try_clone()?),
-        })
-    }
 }
 
 pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
     install_signal_handlers();
     // The image is opened once, here: each connection gets its own device
     // instance on a duplicate of it, and the sandbox forbids opening files.
-    let template = DeviceTemplate::open(&args.device)?;
+    let list = device_list(args.config.as_deref(), &args.devices, args.device.as_ref())?;
+    if list.is_empty() {
+        return Err("no device to serve: give --device, --config or a device subcommand".into());
+    }
+    let templates = list.iter().map(open).collect::<Result<Vec<_>, _>>()?;
+    for (n, t) in templates.iter().enumerate() {
+        tracing::info!(dev_num = n + 1, kind = t.kind(), "device ready");
+    }
     let cfg = LocalBusConfig {
         max_msg_size: args.max_msg_size,
         doorbells: !args.no_doorbells,
@@ -158,13 +148,13 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     let listener = Listener::bind(&args.socket_path)?;
-    sandbox(ringfence_sandbox::Profile::Backend, args.no_sandbox)?;
+    sandbox(ringfence_sandbox::Profile::Backend, &list, args.no_sandbox)?;
     tracing::info!(socket = %args.socket_path.display(), pid = std::process::id(), max_connections = args.max_connections, "backend listening");
     let stats = Arc::new(BackendStats::default());
     let active = Arc::new(AtomicUsize::new(0));
     let finished = Arc::new(AtomicBool::new(false));
     let args = Arc::new(args);
-    let template = Arc::new(template);
+    let templates = Arc::new(templates);
     while !(STOP.load(Ordering::SeqCst) || args.once && finished.load(Ordering::SeqCst)) {
         if DUMP.swap(false, Ordering::SeqCst) {
             println!("backend stats: {stats}");
@@ -185,9 +175,9 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         active.fetch_add(1, Ordering::SeqCst);
         stats.connections.fetch_add(1, Ordering::Relaxed);
-        let (args, template, stats, slot, finished) = (
+        let (args, templates, stats, slot, finished) = (
             args.clone(),
-            template.clone(),
+            templates.clone(),
             stats.clone(),
             active.clone(),
             finished.clone(),
@@ -195,7 +185,7 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
         let spawned = std::thread::Builder::new()
             .name("connection".into())
             .spawn(move || {
-                if let Err(e) = serve_connection(&args, &template, sock, cfg, &stats) {
+                if let Err(e) = serve_connection(&args, &templates, sock, cfg, &stats) {
                     stats.connections_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "connection ended with an error");
                 }
@@ -218,15 +208,18 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
 /// Serves one frontend with device instances of its own.
 fn serve_connection(
     args: &BackendArgs,
-    template: &DeviceTemplate,
+    templates: &[DeviceTemplate],
     sock: ringfence_bus_local::Seqpacket,
     cfg: LocalBusConfig,
     stats: &Arc<BackendStats>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!("frontend connected");
-    let device = template.instance()?;
+    let devices = templates
+        .iter()
+        .map(DeviceTemplate::instance)
+        .collect::<Result<Vec<_>, _>>()?;
     let bus = Arc::new(LocalDeviceBus::new(sock, cfg)?);
-    let mut backend = Backend::with_stats(vec![device], stats.clone());
+    let mut backend = Backend::with_stats(devices, stats.clone());
     backend.set_poll(Duration::from_micros(args.poll_us));
     backend.serve(bus)?;
     Ok(())

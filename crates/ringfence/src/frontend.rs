@@ -58,9 +58,13 @@ pub struct FrontendArgs {
     /// Sleep this many ms after attaching, before the workload (tests inspect the backend meanwhile).
     #[arg(long, default_value_t = 0)]
     pub pause_ms: u64,
+    /// Endpoints for local programs (instead of the built-in workload).
+    #[command(flatten)]
+    pub endpoints: crate::endpoints::EndpointArgs,
 }
 
-type Disk = VirtIOBlk<BounceHal, MsgTransport>;
+/// The remote disk as virtio-drivers drives it.
+pub type Disk = VirtIOBlk<BounceHal, MsgTransport>;
 
 /// Deterministic pattern: 8 bytes per (seed, byte offset), so any range can be regenerated.
 fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
@@ -352,6 +356,13 @@ pub fn run(args: FrontendArgs) -> Result<bool, Box<dyn std::error::Error>> {
     if args.pause_ms > 0 {
         println!("attached pid={}", std::process::id());
         std::thread::sleep(Duration::from_millis(args.pause_ms));
+    }
+    if let Some(path) = &args.endpoints.nbd_socket {
+        crate::backend::install_signal_handlers();
+        let report = crate::endpoints::nbd::run(&mut disk, &waiter, capacity_sectors, path)?;
+        println!("{}: {}", report.device, report.detail);
+        drop(marker);
+        return Ok(true);
     }
     let ok = if args.bench {
         bench(&mut disk, &waiter, capacity_sectors, &args)

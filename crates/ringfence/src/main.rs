@@ -2,6 +2,8 @@
 
 mod backend;
 mod bench;
+mod devices;
+mod endpoints;
 mod frontend;
 mod vhost;
 

@@ -8,7 +8,8 @@ use ringfence_vhost_user::{MemoryPolicy, VhostUserDevice};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::{build_device, install_signal_handlers, sandbox, DeviceArgs, STOP};
+use crate::backend::{install_signal_handlers, sandbox, STOP};
+use crate::devices::{open, DeviceArgs};
 
 /// Options of `ringfence vhost-user`.
 #[derive(Debug, clap::Args)]
@@ -36,7 +37,7 @@ pub struct VhostUserArgs {
 
 pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
     install_signal_handlers();
-    let device = build_device(&args.device)?;
+    let device = open(&args.device)?.instance()?;
     let policy = if args.shared_window {
         MemoryPolicy::SharedWindow {
             max_bytes: args.window_max_mib << 20,
@@ -45,6 +46,11 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         MemoryPolicy::FullShare
     };
     let backend = VhostUserDevice::new(device, policy);
+    if matches!(args.device, DeviceArgs::Net { .. }) {
+        // See without_protocol_features: QEMU's vhost-user-net and the vhost
+        // crate disagree on when SET_VRING_ENABLE may come.
+        backend.without_protocol_features();
+    }
     let socket = args.socket_path.clone();
     // vhost-user-backend blocks in accept/recv; leave promptly on SIGTERM/SIGINT.
     std::thread::spawn(move || loop {
@@ -55,7 +61,11 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         }
         std::thread::sleep(Duration::from_millis(50));
     });
-    sandbox(ringfence_sandbox::Profile::VhostUser, args.no_sandbox)?;
+    sandbox(
+        ringfence_sandbox::Profile::VhostUser,
+        std::slice::from_ref(&args.device),
+        args.no_sandbox,
+    )?;
     tracing::info!(socket = %args.socket_path.display(), ?policy, "vhost-user backend listening");
     loop {
         // A fresh daemon per connection: vhost-user-backend keeps ownership
@@ -67,6 +77,7 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| format!("vhost-user daemon: {e:?}"))?;
+        backend.set_epoll_handlers(&daemon.get_epoll_handlers());
         match daemon.serve(&args.socket_path) {
             Ok(()) => tracing::info!("frontend disconnected"),
             Err(e) => tracing::warn!(error = ?e, "connection ended with an error"),

@@ -26,6 +26,20 @@ pub enum Profile {
     VhostUser,
 }
 
+/// What the served devices need beyond a profile's list (decided by the
+/// daemon from the devices it serves, so a blk-only daemon keeps the
+/// smallest list).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extras {
+    /// timerfds (a rate-limited rng).
+    pub timers: bool,
+    /// epoll instances (vsock's connection set).
+    pub epoll: bool,
+    /// Connecting Unix stream sockets (vsock's guest connects reach
+    /// `<uds>_<port>`).
+    pub unix_connect: bool,
+}
+
 /// The sandbox could not be installed.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -133,6 +147,14 @@ fn condition(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, 
 
 /// The rules of `profile`: syscall number to the conditions under which it is allowed.
 pub fn rules(profile: Profile) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
+    rules_with(profile, Extras::default())
+}
+
+/// The rules of `profile` plus what `extras` needs.
+pub fn rules_with(
+    profile: Profile,
+    extras: Extras,
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         COMMON.iter().map(|&n| (n, Vec::new())).collect();
     // openat: read-only opens only (flags & O_ACCMODE == O_RDONLY).
@@ -144,8 +166,34 @@ pub fn rules(profile: Profile) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Sandbo
             libc::O_RDONLY as u64,
         )?])?],
     );
-    if profile == Profile::VhostUser {
-        rules.extend(VHOST_USER.iter().map(|&n| (n, Vec::new())));
+    if extras.timers {
+        rules.extend(
+            [
+                libc::SYS_timerfd_create,
+                libc::SYS_timerfd_settime,
+                libc::SYS_timerfd_gettime,
+            ]
+            .map(|n| (n, Vec::new())),
+        );
+    }
+    if extras.epoll {
+        rules.extend(
+            [
+                libc::SYS_epoll_create1,
+                libc::SYS_epoll_ctl,
+                libc::SYS_epoll_wait,
+                libc::SYS_epoll_pwait,
+            ]
+            .map(|n| (n, Vec::new())),
+        );
+    }
+    if extras.unix_connect {
+        rules.insert(libc::SYS_connect, Vec::new());
+    }
+    if profile == Profile::VhostUser || extras.unix_connect {
+        if profile == Profile::VhostUser {
+            rules.extend(VHOST_USER.iter().map(|&n| (n, Vec::new())));
+        }
         // socket: Unix sockets only.
         rules.insert(
             libc::SYS_socket,
@@ -161,10 +209,15 @@ pub fn rules(profile: Profile) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Sandbo
 
 /// Builds the filter of `profile`: allowed calls pass, anything else fails with EPERM.
 pub fn filter(profile: Profile) -> Result<BpfProgram, SandboxError> {
+    filter_with(profile, Extras::default())
+}
+
+/// Builds the filter of `profile` plus `extras`.
+pub fn filter_with(profile: Profile, extras: Extras) -> Result<BpfProgram, SandboxError> {
     let arch = std::env::consts::ARCH;
     let target = arch.try_into().map_err(|_| SandboxError::Arch(arch))?;
     let filter = SeccompFilter::new(
-        rules(profile)?,
+        rules_with(profile, extras)?,
         SeccompAction::Errno(libc::EPERM as u32),
         SeccompAction::Allow,
         target,
@@ -175,11 +228,16 @@ pub fn filter(profile: Profile) -> Result<BpfProgram, SandboxError> {
 /// Sets `no_new_privs` and installs the filter of `profile` on every thread
 /// of the process. Returns the number of system calls allowed.
 pub fn install(profile: Profile) -> Result<usize, SandboxError> {
-    let program = filter(profile)?;
+    install_with(profile, Extras::default())
+}
+
+/// Like [`install`], with the calls `extras` needs.
+pub fn install_with(profile: Profile, extras: Extras) -> Result<usize, SandboxError> {
+    let program = filter_with(profile, extras)?;
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(SandboxError::NoNewPrivs(std::io::Error::last_os_error()));
     }
     apply_filter_all_threads(&program)?;
-    Ok(rules(profile)?.len())
+    Ok(rules_with(profile, extras)?.len())
 }

@@ -26,6 +26,9 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+pub mod shim;
+pub use shim::{serve_with_enable_shim, ShimError};
+
 /// vhost-user's own feature bit (VHOST_USER_F_PROTOCOL_FEATURES).
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
@@ -191,6 +194,8 @@ pub struct VhostUserDevice {
     device_features: u64,
     policy: MemoryPolicy,
     stats: AdapterStats,
+    /// Offer VHOST_USER_F_PROTOCOL_FEATURES (see [`VhostUserDevice::without_protocol_features`]).
+    protocol_features: AtomicBool,
 }
 
 impl VhostUserDevice {
@@ -214,7 +219,18 @@ impl VhostUserDevice {
             memory: Mutex::new(None),
             policy,
             stats: AdapterStats::default(),
+            protocol_features: AtomicBool::new(true),
         })
+    }
+
+    /// Stops offering VHOST_USER_F_PROTOCOL_FEATURES. QEMU's
+    /// vhost-user-net sends SET_VRING_ENABLE while setting up, before
+    /// SET_FEATURES, and rust-vmm's `vhost` crate refuses that message until
+    /// the feature is acked, ending the connection. Without the feature
+    /// QEMU sends no SET_VRING_ENABLE and the rings start enabled; the cost
+    /// is the protocol features (one queue pair, no CONFIG messages).
+    pub fn without_protocol_features(&self) {
+        self.protocol_features.store(false, Ordering::Relaxed);
     }
 
     /// The adapter's counters.
@@ -387,7 +403,12 @@ impl VhostUserBackend for VhostUserDevice {
     }
 
     fn features(&self) -> u64 {
-        self.device_features | TRANSPORT_FEATURES
+        let features = self.device_features | TRANSPORT_FEATURES;
+        if self.protocol_features.load(Ordering::Relaxed) {
+            features
+        } else {
+            features & !VHOST_USER_F_PROTOCOL_FEATURES
+        }
     }
 
     fn acked_features(&self, features: u64) {

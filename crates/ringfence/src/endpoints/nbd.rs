@@ -1,0 +1,176 @@
+//! blk → an NBD server: `qemu-img`, `qemu-io` and `nbd-client` use the
+//! remote disk through the isolated path.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ringfence_msg_driver::CompletionWaiter;
+use ringfence_nbd::{BlockDevice, BlockError, Listen, NbdError, NbdServer};
+use virtio_drivers::device::blk::{BlkReq, BlkResp, RespStatus, SECTOR_SIZE};
+
+use super::{EndpointError, Report};
+use crate::frontend::Disk;
+
+/// How long one request may take before the disk is declared gone.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The remote virtio-blk disk as an NBD [`BlockDevice`]: one request at a
+/// time, completed by notification (not by spinning).
+struct RemoteDisk<'a> {
+    disk: &'a mut Disk,
+    waiter: &'a CompletionWaiter,
+    sectors: u64,
+}
+
+impl RemoteDisk<'_> {
+    /// Waits for the request `token`; kicks again when a completion is
+    /// overdue by 2 ms (see the workload's note on lost notifications).
+    fn wait_used(&mut self, token: u16) -> Result<(), BlockError> {
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            match self.disk.peek_used() {
+                Some(t) if t == token => return Ok(()),
+                // Only one request is ever in flight: any other id is a lie.
+                Some(t) => {
+                    tracing::error!(used_id = t, token, "device used a descriptor not in flight");
+                    return Err(BlockError::Io);
+                }
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                tracing::error!("no completion within {REQUEST_TIMEOUT:?}");
+                return Err(BlockError::Io);
+            }
+            match self.waiter.wait(0, Duration::from_millis(2)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let _ = self.waiter.kick(0);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "virtio-msg transport failed");
+                    return Err(BlockError::Io);
+                }
+            }
+        }
+    }
+
+    fn io(&mut self, write: bool, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        let sector =
+            usize::try_from(offset / SECTOR_SIZE as u64).map_err(|_| BlockError::Invalid)?;
+        let mut req = BlkReq::default();
+        let mut resp = BlkResp::default();
+        // SAFETY: req, buf and resp stay in place and untouched until the
+        // matching complete_* call below, which happens on every path that
+        // got a token (the wait either sees the token or the transport is
+        // broken; a broken transport's pool slots are never reused).
+        let token = unsafe {
+            if write {
+                self.disk.write_blocks_nb(sector, &mut req, buf, &mut resp)
+            } else {
+                self.disk.read_blocks_nb(sector, &mut req, buf, &mut resp)
+            }
+        }
+        .map_err(|e| {
+            tracing::error!(error = %e, "submission failed");
+            BlockError::Io
+        })?;
+        self.wait_used(token)?;
+        // SAFETY: the same buffers as passed to the *_nb call that returned `token`.
+        let done = unsafe {
+            if write {
+                self.disk.complete_write_blocks(token, &req, buf, &mut resp)
+            } else {
+                self.disk.complete_read_blocks(token, &req, buf, &mut resp)
+            }
+        };
+        match (done, resp.status()) {
+            (Ok(()), RespStatus::OK) => Ok(()),
+            (_, status) => {
+                tracing::warn!(?status, write, offset, len = buf.len(), "request failed");
+                Err(BlockError::Io)
+            }
+        }
+    }
+}
+
+impl BlockDevice for RemoteDisk<'_> {
+    fn size(&self) -> u64 {
+        self.sectors.saturating_mul(SECTOR_SIZE as u64)
+    }
+
+    fn read_only(&self) -> bool {
+        self.disk.readonly()
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.io(false, offset, buf)
+    }
+
+    fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        // virtio-drivers wants a mutable buffer for both directions; the
+        // bounce copy reads it only.
+        let mut copy = buf.to_vec();
+        self.io(true, offset, &mut copy)
+    }
+
+    fn flush(&mut self) -> Result<(), BlockError> {
+        self.disk.flush().map_err(|e| {
+            tracing::warn!(error = %e, "flush failed");
+            BlockError::Io
+        })
+    }
+
+    fn discard(&mut self, _offset: u64, _len: u64) -> Result<(), BlockError> {
+        // VirtIOBlk (virtio-drivers 0.13) has no DISCARD request.
+        Err(BlockError::Unsupported)
+    }
+
+    fn write_zeroes(&mut self, _offset: u64, _len: u64) -> Result<(), BlockError> {
+        // Nor WRITE_ZEROES: the server writes zero buffers instead.
+        Err(BlockError::Unsupported)
+    }
+}
+
+/// Serves the disk on the Unix socket `path`, one client after another,
+/// until SIGTERM/SIGINT.
+pub fn run(
+    disk: &mut Disk,
+    waiter: &CompletionWaiter,
+    sectors: u64,
+    path: &Path,
+) -> Result<Report, EndpointError> {
+    let started = Instant::now();
+    let listen = Listen::bind_unix(path).map_err(EndpointError::io("NBD socket"))?;
+    let server = NbdServer::default();
+    println!("blk: NBD on nbd+unix:///?socket={}", path.display());
+    let mut dev = RemoteDisk {
+        disk,
+        waiter,
+        sectors,
+    };
+    while !crate::backend::STOP.load(Ordering::SeqCst) {
+        match server.serve_one(&listen, &mut dev, "") {
+            Ok(stats) => tracing::info!(?stats, "NBD client done"),
+            // A signal interrupts accept: look at STOP again.
+            Err(NbdError::Accept(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(NbdError::Accept(e)) => return Err(EndpointError::io("NBD accept")(e)),
+            Err(e) => tracing::warn!(error = %e, "NBD client ended with an error"),
+        }
+    }
+    let _ = std::fs::remove_file(path);
+    let s = server.stats();
+    let (read, written) = (
+        s.bytes_read.load(Ordering::Relaxed),
+        s.bytes_written.load(Ordering::Relaxed),
+    );
+    Ok(Report {
+        device: "blk",
+        detail: format!(
+            "NBD: {:.1} s, {} connections, {} requests, {read} bytes read, {written} written",
+            started.elapsed().as_secs_f64(),
+            s.connections.load(Ordering::Relaxed),
+            s.requests.load(Ordering::Relaxed)
+        ),
+    })
+}
