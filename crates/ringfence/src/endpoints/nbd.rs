@@ -15,6 +15,12 @@ use crate::frontend::Disk;
 /// How long one request may take before the disk is declared gone.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The data of one request.
+enum Buf<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
 /// The remote virtio-blk disk as an NBD [`BlockDevice`]: one request at a
 /// time, completed by notification (not by spinning).
 struct RemoteDisk<'a> {
@@ -55,7 +61,8 @@ impl RemoteDisk<'_> {
         }
     }
 
-    fn io(&mut self, write: bool, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    fn io(&mut self, offset: u64, mut buf: Buf<'_>) -> Result<(), BlockError> {
+        let write = matches!(buf, Buf::Write(_));
         let sector =
             usize::try_from(offset / SECTOR_SIZE as u64).map_err(|_| BlockError::Invalid)?;
         let mut req = BlkReq::default();
@@ -65,10 +72,9 @@ impl RemoteDisk<'_> {
         // got a token (the wait either sees the token or the transport is
         // broken; a broken transport's pool slots are never reused).
         let token = unsafe {
-            if write {
-                self.disk.write_blocks_nb(sector, &mut req, buf, &mut resp)
-            } else {
-                self.disk.read_blocks_nb(sector, &mut req, buf, &mut resp)
+            match &mut buf {
+                Buf::Write(b) => self.disk.write_blocks_nb(sector, &mut req, b, &mut resp),
+                Buf::Read(b) => self.disk.read_blocks_nb(sector, &mut req, b, &mut resp),
             }
         }
         .map_err(|e| {
@@ -77,17 +83,22 @@ impl RemoteDisk<'_> {
         })?;
         self.wait_used(token)?;
         // SAFETY: the same buffers as passed to the *_nb call that returned `token`.
-        let done = unsafe {
-            if write {
-                self.disk.complete_write_blocks(token, &req, buf, &mut resp)
-            } else {
-                self.disk.complete_read_blocks(token, &req, buf, &mut resp)
+        let (done, len) = unsafe {
+            match buf {
+                Buf::Write(b) => (
+                    self.disk.complete_write_blocks(token, &req, b, &mut resp),
+                    b.len(),
+                ),
+                Buf::Read(b) => (
+                    self.disk.complete_read_blocks(token, &req, b, &mut resp),
+                    b.len(),
+                ),
             }
         };
         match (done, resp.status()) {
             (Ok(()), RespStatus::OK) => Ok(()),
             (_, status) => {
-                tracing::warn!(?status, write, offset, len = buf.len(), "request failed");
+                tracing::warn!(?status, write, offset, len, "request failed");
                 Err(BlockError::Io)
             }
         }
@@ -104,14 +115,11 @@ impl BlockDevice for RemoteDisk<'_> {
     }
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.io(false, offset, buf)
+        self.io(offset, Buf::Read(buf))
     }
 
     fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
-        // virtio-drivers wants a mutable buffer for both directions; the
-        // bounce copy reads it only.
-        let mut copy = buf.to_vec();
-        self.io(true, offset, &mut copy)
+        self.io(offset, Buf::Write(buf))
     }
 
     fn flush(&mut self) -> Result<(), BlockError> {
