@@ -19,6 +19,18 @@ pub struct BenchArgs {
     /// Image size in MiB.
     #[arg(long, default_value_t = 256)]
     image_mib: u64,
+    /// Another device's benchmark instead of virtio-blk's.
+    #[command(subcommand)]
+    device: Option<BenchDevice>,
+}
+
+/// Benchmarks of the other devices.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchDevice {
+    /// virtio-net between two network namespaces, against a veth pair.
+    Net(crate::bench_net::NetBenchArgs),
+    /// One vsock stream, against a Unix socket pair.
+    Vsock(crate::bench_vsock::VsockBenchArgs),
 }
 
 fn p50(mut v: Vec<f64>) -> f64 {
@@ -104,6 +116,11 @@ fn rss_anon_kib(pid: u32) -> Option<u64> {
 }
 
 pub fn run(args: BenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    match args.device {
+        Some(BenchDevice::Net(a)) => return crate::bench_net::run(a),
+        Some(BenchDevice::Vsock(a)) => return crate::bench_vsock::run(a),
+        None => {}
+    }
     let dir = TempDir::new("bench")?;
     let image = dir.0.join("bench.img");
     let socket = dir.0.join("bench.sock");

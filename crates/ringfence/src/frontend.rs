@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 use ringfence_bus::DriverBus;
 use ringfence_bus_local::{LocalBusConfig, LocalDriverBus};
 use ringfence_msg_driver::{
-    discover, install_pool, BounceHal, BouncePool, CompletionWaiter, MsgTransport,
+    discover, install_pool, BounceHal, BouncePool, BusMux, CompletionWaiter, MsgTransport,
 };
+use virtio_drivers::transport::DeviceType;
+
+use crate::endpoints::{self, DeviceLink, EndpointArgs, EndpointError, Report, Stop};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, RespStatus, VirtIOBlk, SECTOR_SIZE};
 
 /// Options of `ringfence frontend`.
@@ -298,25 +301,49 @@ pub struct Attached {
     pub capacity_sectors: u64,
 }
 
-pub fn attach(args: &FrontendArgs) -> Result<Attached, Box<dyn std::error::Error>> {
+/// The bus, shared by every attached device.
+pub struct Bus {
+    /// Per-device views of the one bus connection.
+    pub views: Vec<(u16, Arc<dyn DriverBus>)>,
+    /// The bounce pool in the shared window.
+    pub pool: &'static BouncePool,
+}
+
+/// Connects, lists the devices (GET_DEVICES), makes a mux view for each
+/// and shares one window for all of them.
+pub fn attach_bus(args: &FrontendArgs) -> Result<Bus, Box<dyn std::error::Error>> {
     let cfg = LocalBusConfig {
         max_msg_size: args.max_msg_size,
         doorbells: !args.no_doorbells,
         ..Default::default()
     };
     let bus: Arc<dyn DriverBus> = Arc::new(LocalDriverBus::connect(&args.socket_path, cfg)?);
-    let devices = discover(bus.as_ref())?;
-    let dev_num = *devices.first().ok_or("no device on the bus")?;
+    let mux = BusMux::new(bus.clone());
+    let devices = discover(mux.device(0).as_ref())?;
+    if devices.is_empty() {
+        return Err("no device on the bus".into());
+    }
+    // Every view exists before any device is spoken to: the mux drops
+    // messages for a device number without one.
+    let views = devices.iter().map(|&n| (n, mux.device(n))).collect();
     let window = bus.share_area(args.window_mib << 20)?;
     let pool =
         install_pool(BouncePool::new(window)).map_err(|_| "bounce pool already installed")?;
-    let transport = MsgTransport::new(bus.clone(), dev_num)?;
-    let device_type = virtio_drivers::transport::Transport::device_type(&transport);
-    if device_type != virtio_drivers::transport::DeviceType::Block {
-        return Err(
-            format!("device {dev_num} is a {device_type:?} device, not a block device").into(),
-        );
+    Ok(Bus { views, pool })
+}
+
+/// Attaches to the first block device on the bus.
+pub fn attach(args: &FrontendArgs) -> Result<Attached, Box<dyn std::error::Error>> {
+    let Bus { views, pool } = attach_bus(args)?;
+    let mut found = None;
+    for (dev_num, view) in views {
+        let transport = MsgTransport::new(view, dev_num)?;
+        if virtio_drivers::transport::Transport::device_type(&transport) == DeviceType::Block {
+            found = Some((dev_num, transport));
+            break;
+        }
     }
+    let (dev_num, transport) = found.ok_or("no block device on the bus")?;
     let waiter = transport.waiter();
     let disk = VirtIOBlk::<BounceHal, _>::new(transport);
     // The Transport trait cannot return errors: a failure during set-up
@@ -341,12 +368,127 @@ pub fn attach(args: &FrontendArgs) -> Result<Attached, Box<dyn std::error::Error
     })
 }
 
+type EndpointFn = fn(DeviceLink, &EndpointArgs, &Stop) -> Result<Report, EndpointError>;
+
+/// The endpoint asked for a device type, if any.
+fn endpoint_for(ty: DeviceType, args: &EndpointArgs) -> Option<(&'static str, EndpointFn)> {
+    match ty {
+        DeviceType::Block if args.nbd_socket.is_some() => Some(("blk", endpoints::nbd::run)),
+        DeviceType::Network if args.net_tap.is_some() => Some(("net", endpoints::net::run)),
+        DeviceType::Console if args.console_pty || args.console_link.is_some() => {
+            Some(("console", endpoints::console::run))
+        }
+        DeviceType::EntropySource if args.rng_out.is_some() => Some(("rng", endpoints::rng::run)),
+        DeviceType::Socket if !args.vsock_listen.is_empty() || !args.vsock_forward.is_empty() => {
+            Some(("vsock", endpoints::vsock::run))
+        }
+        _ => None,
+    }
+}
+
+/// Runs an endpoint for every device that has one asked for, each on its
+/// own thread, until a signal, the deadline, or until all have finished.
+fn run_endpoints(args: &FrontendArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    crate::backend::install_signal_handlers();
+    let Bus { views, .. } = attach_bus(args)?;
+    let ep = &args.endpoints;
+    let stop = Stop::new(
+        ep.duration_s
+            .map(|s| Instant::now() + Duration::from_secs(s)),
+    );
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let mut running = Vec::new();
+    for (dev_num, view) in views {
+        let transport = MsgTransport::new(view, dev_num)?;
+        let ty = virtio_drivers::transport::Transport::device_type(&transport);
+        let Some((name, run)) = endpoint_for(ty, ep) else {
+            tracing::info!(dev_num, ?ty, "no endpoint asked for: device left alone");
+            continue;
+        };
+        if running.contains(&name) {
+            tracing::warn!(dev_num, name, "a second device of this kind: left alone");
+            continue;
+        }
+        running.push(name);
+        let waiter = transport.waiter();
+        let link = DeviceLink {
+            dev_num,
+            transport,
+            waiter,
+        };
+        let (ep, stop, done_tx) = (ep.clone(), stop.clone(), done_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("ep-{name}"))
+            .spawn(move || {
+                let result = run(link, &ep, &stop);
+                let _ = done_tx.send((name, result));
+            })?;
+    }
+    drop(done_tx);
+    let asked = [
+        ("blk", ep.nbd_socket.is_some()),
+        ("net", ep.net_tap.is_some()),
+        ("console", ep.console_pty || ep.console_link.is_some()),
+        ("rng", ep.rng_out.is_some()),
+        (
+            "vsock",
+            !ep.vsock_listen.is_empty() || !ep.vsock_forward.is_empty(),
+        ),
+    ];
+    let mut ok = true;
+    for (name, wanted) in asked {
+        if wanted && !running.contains(&name) {
+            println!("{name}: FAILED: the backend offers no {name} device");
+            ok = false;
+        }
+    }
+    let mut left = running.len();
+    let mut grace: Option<Instant> = None;
+    while left > 0 {
+        match done_rx.recv_timeout(endpoints::WAIT_SLICE) {
+            Ok((_, Ok(report))) => {
+                left -= 1;
+                println!("{}: {}", report.device, report.detail);
+            }
+            Ok((name, Err(e))) => {
+                left -= 1;
+                ok = false;
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(cause) = src {
+                    msg.push_str(&format!(": {cause}"));
+                    src = cause.source();
+                }
+                println!("{name}: FAILED: {msg}");
+                // One failed device does not stop the others.
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if stop.stopped() {
+            stop.stop();
+            let g = *grace.get_or_insert_with(|| Instant::now() + Duration::from_secs(5));
+            if Instant::now() >= g {
+                println!("{left} endpoint(s) did not stop within 5 s");
+                ok = false;
+                break;
+            }
+        }
+    }
+    Ok(ok)
+}
+
 pub fn run(args: FrontendArgs) -> Result<bool, Box<dyn std::error::Error>> {
     // A secret that lives only in this process's private memory.
     let marker = args
         .private_marker
         .as_ref()
         .map(|m| std::hint::black_box(m.repeat(64).into_bytes()));
+    if args.endpoints.any() {
+        let ok = run_endpoints(&args)?;
+        drop(marker);
+        return Ok(ok);
+    }
     let Attached {
         mut disk,
         waiter,
@@ -356,13 +498,6 @@ pub fn run(args: FrontendArgs) -> Result<bool, Box<dyn std::error::Error>> {
     if args.pause_ms > 0 {
         println!("attached pid={}", std::process::id());
         std::thread::sleep(Duration::from_millis(args.pause_ms));
-    }
-    if let Some(path) = &args.endpoints.nbd_socket {
-        crate::backend::install_signal_handlers();
-        let report = crate::endpoints::nbd::run(&mut disk, &waiter, capacity_sectors, path)?;
-        println!("{}: {}", report.device, report.detail);
-        drop(marker);
-        return Ok(true);
     }
     let ok = if args.bench {
         bench(&mut disk, &waiter, capacity_sectors, &args)

@@ -2,6 +2,8 @@
 
 mod backend;
 mod bench;
+mod bench_net;
+mod bench_vsock;
 mod devices;
 mod endpoints;
 mod frontend;

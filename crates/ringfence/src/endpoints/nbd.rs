@@ -1,7 +1,7 @@
 //! blk → an NBD server: `qemu-img`, `qemu-io` and `nbd-client` use the
 //! remote disk through the isolated path.
 
-use std::path::Path;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,7 @@ use ringfence_msg_driver::CompletionWaiter;
 use ringfence_nbd::{BlockDevice, BlockError, Listen, NbdError, NbdServer};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, RespStatus, SECTOR_SIZE};
 
-use super::{EndpointError, Report};
+use super::{readable, DeviceLink, EndpointArgs, EndpointError, Report, Stop, WAIT_SLICE};
 use crate::frontend::Disk;
 
 /// How long one request may take before the disk is declared gone.
@@ -140,28 +140,45 @@ impl BlockDevice for RemoteDisk<'_> {
     }
 }
 
-/// Serves the disk on the Unix socket `path`, one client after another,
-/// until SIGTERM/SIGINT.
-pub fn run(
-    disk: &mut Disk,
-    waiter: &CompletionWaiter,
-    sectors: u64,
-    path: &Path,
-) -> Result<Report, EndpointError> {
+/// Whether `listen` has a client waiting, after at most `timeout`.
+fn client_waiting(listen: &Listen, timeout: Duration) -> Result<bool, EndpointError> {
+    let fd = match listen {
+        Listen::Unix(l) => l.as_raw_fd(),
+        Listen::Tcp(l) => l.as_raw_fd(),
+    };
+    readable(fd, timeout)
+}
+
+/// Serves the disk on the Unix socket `--nbd-socket`, one client after
+/// another, until stopped.
+pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report, EndpointError> {
+    let Some(path) = args.nbd_socket.as_deref() else {
+        return Err(EndpointError::Option {
+            option: "--nbd-socket",
+            detail: "not given".into(),
+        });
+    };
+    let DeviceLink {
+        transport, waiter, ..
+    } = link;
+    let mut disk =
+        Disk::new(transport).map_err(EndpointError::device("VirtIOBlk set-up", &waiter))?;
+    let sectors = disk.capacity();
     let started = Instant::now();
     let listen = Listen::bind_unix(path).map_err(EndpointError::io("NBD socket"))?;
     let server = NbdServer::default();
     println!("blk: NBD on nbd+unix:///?socket={}", path.display());
     let mut dev = RemoteDisk {
-        disk,
-        waiter,
+        disk: &mut disk,
+        waiter: &waiter,
         sectors,
     };
-    while !crate::backend::STOP.load(Ordering::SeqCst) {
+    while !stop.stopped() {
+        if !client_waiting(&listen, WAIT_SLICE)? {
+            continue;
+        }
         match server.serve_one(&listen, &mut dev, "") {
             Ok(stats) => tracing::info!(?stats, "NBD client done"),
-            // A signal interrupts accept: look at STOP again.
-            Err(NbdError::Accept(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(NbdError::Accept(e)) => return Err(EndpointError::io("NBD accept")(e)),
             Err(e) => tracing::warn!(error = %e, "NBD client ended with an error"),
         }

@@ -1,0 +1,11 @@
+//! rng endpoint (not built yet).
+
+use super::{DeviceLink, EndpointArgs, EndpointError, Report, Stop};
+
+/// Runs the rng endpoint until stopped.
+pub fn run(_link: DeviceLink, _args: &EndpointArgs, _stop: &Stop) -> Result<Report, EndpointError> {
+    Err(EndpointError::Option {
+        option: "rng",
+        detail: "endpoint not built yet".into(),
+    })
+}
