@@ -50,6 +50,8 @@ mod endpoint;
 mod queues;
 mod sys;
 
+pub use sys::{open_pty, Pty};
+
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};

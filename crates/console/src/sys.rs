@@ -179,13 +179,17 @@ pub(crate) fn winsize(fd: RawFd) -> io::Result<(u16, u16)> {
 /// A PTY pair: the master (non-blocking) and the slave, opened once and
 /// kept so that the master never sees a hang-up.
 #[derive(Debug)]
-pub(crate) struct Pty {
-    pub(crate) master: OwnedFd,
-    pub(crate) slave: OwnedFd,
-    pub(crate) path: PathBuf,
+pub struct Pty {
+    /// The master side, where the console's bytes go in and out.
+    pub master: OwnedFd,
+    /// The slave side, held open.
+    pub slave: OwnedFd,
+    /// The slave's path, for the user's terminal program.
+    pub path: PathBuf,
 }
 
-pub(crate) fn open_pty() -> io::Result<Pty> {
+/// Opens a PTY pair in raw mode with a non-blocking master.
+pub fn open_pty() -> io::Result<Pty> {
     // SAFETY: no memory involved; the result is checked.
     let master =
         owned(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;

@@ -420,7 +420,21 @@ fn run_endpoints(args: &FrontendArgs) -> Result<bool, Box<dyn std::error::Error>
         std::thread::Builder::new()
             .name(format!("ep-{name}"))
             .spawn(move || {
-                let result = run(link, &ep, &stop);
+                // A driver that panics on what a hostile device said ends
+                // its own endpoint, reported, not the others.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(link, &ep, &stop)
+                }))
+                .unwrap_or_else(|panic| {
+                    Err(EndpointError::Device {
+                        what: "driver panicked",
+                        detail: panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default(),
+                    })
+                });
                 let _ = done_tx.send((name, result));
             })?;
     }
