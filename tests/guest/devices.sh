@@ -14,11 +14,11 @@ MODE=${1:-full}
 # console is served (`vhost-user ... console`) but not booted here: QEMU up to
 # 10.1 does not let users create the generic vhost-user-device-pci it needs
 # (RF_DEVICES=console with a QEMU that does); the console's guest round trip
-# runs over virtio-msg instead (crates/ringfence/tests/devices.rs).
-# net is not in the default set yet: QEMU 10's vhost-user-net sends
-# SET_VRING_ENABLE before SET_FEATURES, which rust-vmm's vhost crate refuses;
-# crates/vhost-user/src/shim.rs fixes that but is not wired into the daemon yet.
-DEVICES=${RF_DEVICES:-rng vsock}
+# runs over virtio-msg instead (crates/ringfence/tests/endpoints.rs).
+# net works because `ringfence vhost-user net` serves through the
+# early-enable shim (crates/vhost-user/src/shim.rs): QEMU 10's vhost-user-net
+# sends SET_VRING_ENABLE before SET_FEATURES, which rust-vmm's vhost crate refuses.
+DEVICES=${RF_DEVICES:-net rng vsock}
 has() { case " $DEVICES " in *" $1 "*) return 0 ;; esac; return 1; }
 HERE=$(cd "$(dirname "$0")" && pwd)
 TOP=$(cd "$HERE/../.." && pwd)

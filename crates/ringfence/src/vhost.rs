@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ringfence_vhost_user::{MemoryPolicy, VhostUserDevice};
+use ringfence_vhost_user::{serve_with_enable_shim, MemoryPolicy, VhostUserDevice};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -46,11 +46,10 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         MemoryPolicy::FullShare
     };
     let backend = VhostUserDevice::new(device, policy);
-    if matches!(args.device, DeviceArgs::Net { .. }) {
-        // See without_protocol_features: QEMU's vhost-user-net and the vhost
-        // crate disagree on when SET_VRING_ENABLE may come.
-        backend.without_protocol_features();
-    }
+    // QEMU's vhost-user-net enables its rings before SET_FEATURES, which the
+    // vhost crate refuses: net goes through the shim that holds those
+    // messages back (see ringfence_vhost_user::shim).
+    let enable_shim = matches!(args.device, DeviceArgs::Net { .. });
     let socket = args.socket_path.clone();
     // vhost-user-backend blocks in accept/recv; leave promptly on SIGTERM/SIGINT.
     std::thread::spawn(move || loop {
@@ -78,9 +77,14 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         )
         .map_err(|e| format!("vhost-user daemon: {e:?}"))?;
         backend.set_epoll_handlers(&daemon.get_epoll_handlers());
-        match daemon.serve(&args.socket_path) {
+        let served = if enable_shim {
+            serve_with_enable_shim(&mut daemon, &args.socket_path).map_err(|e| e.to_string())
+        } else {
+            daemon.serve(&args.socket_path).map_err(|e| format!("{e:?}"))
+        };
+        match served {
             Ok(()) => tracing::info!("frontend disconnected"),
-            Err(e) => tracing::warn!(error = ?e, "connection ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "connection ended with an error"),
         }
         if args.once {
             return Ok(true);

@@ -132,6 +132,9 @@ const VHOST_USER: &[libc::c_long] = &[
     libc::SYS_bind,
     libc::SYS_listen,
     libc::SYS_accept,
+    // The early-enable shim links to the daemon over an abstract Unix
+    // socket (socket() stays Unix-only).
+    libc::SYS_connect,
     libc::SYS_getsockopt,
     libc::SYS_setsockopt,
 ];
