@@ -80,7 +80,9 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         let served = if enable_shim {
             serve_with_enable_shim(&mut daemon, &args.socket_path).map_err(|e| e.to_string())
         } else {
-            daemon.serve(&args.socket_path).map_err(|e| format!("{e:?}"))
+            daemon
+                .serve(&args.socket_path)
+                .map_err(|e| format!("{e:?}"))
         };
         match served {
             Ok(()) => tracing::info!("frontend disconnected"),
