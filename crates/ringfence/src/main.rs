@@ -4,6 +4,7 @@ mod backend;
 mod bench;
 mod bench_net;
 mod bench_vsock;
+mod demo;
 mod devices;
 mod endpoints;
 mod frontend;
@@ -31,28 +32,14 @@ enum Cmd {
     Backend(backend::BackendArgs),
     /// Attach to a backend and run a verified block workload (the isolated VM).
     Frontend(frontend::FrontendArgs),
-    /// Start a backend and a frontend process on a temporary image and show it working.
-    Demo(DemoArgs),
+    /// Show it working: a verified disk workload, then every device at once.
+    Demo(demo::DemoArgs),
     /// Serve a device over vhost-user to QEMU/KVM guests.
     VhostUser(vhost::VhostUserArgs),
     /// Measure the isolated path against the floor measured in the same run.
     Bench(bench::BenchArgs),
 }
 
-#[derive(Debug, clap::Args)]
-struct DemoArgs {
-    /// MiB written and read back per request size.
-    #[arg(long, default_value_t = 96)]
-    mib_per_size: u64,
-    /// Request sizes in KiB.
-    #[arg(long, default_value = "4,16,64,128", value_delimiter = ',')]
-    sizes_kib: Vec<u64>,
-    /// Requests in flight.
-    #[arg(long, default_value_t = 8)]
-    queue_depth: usize,
-}
-
-/// A temporary directory removed on drop.
 pub(crate) struct TempDir(pub PathBuf);
 
 impl TempDir {
@@ -90,31 +77,6 @@ pub(crate) fn spawn_backend(socket: &Path, image: &Path, extra: &[&str]) -> std:
     Ok(child)
 }
 
-fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
-    let dir = TempDir::new("demo")?;
-    let image = dir.0.join("disk.img");
-    let socket = dir.0.join("blk.sock");
-    let size = (args.mib_per_size * args.sizes_kib.len() as u64 + 16) << 20;
-    std::fs::File::create(&image)?.set_len(size)?;
-    println!("image   {} ({} MiB, sparse)", image.display(), size >> 20);
-    let mut backend = spawn_backend(&socket, &image, &[])?;
-    println!(
-        "backend pid {} serving virtio-blk on {}",
-        backend.id(),
-        socket.display()
-    );
-    let sizes: Vec<String> = args.sizes_kib.iter().map(|s| s.to_string()).collect();
-    let status = Command::new(std::env::current_exe()?)
-        .args(["frontend", "--socket-path"])
-        .arg(&socket)
-        .args(["--mib-per-size", &args.mib_per_size.to_string()])
-        .args(["--sizes-kib", &sizes.join(",")])
-        .args(["--queue-depth", &args.queue_depth.to_string()])
-        .status()?;
-    let backend_ok = backend.wait()?.success();
-    Ok(status.success() && backend_ok)
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -127,7 +89,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Backend(a) => backend::run(a).map(|_| true),
         Cmd::Frontend(a) => frontend::run(a),
-        Cmd::Demo(a) => demo(a),
+        Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::VhostUser(a) => vhost::run(a),
     };
