@@ -272,8 +272,16 @@ impl Listener {
                 std::fs::remove_file(path)?;
             }
         }
+        // The socket appears at `path` only once it listens: it is bound
+        // under a temporary name and renamed, so a client that waits for
+        // the file never finds it refusing connections.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = std::path::PathBuf::from(tmp);
+        let bind_at = if sockaddr(&tmp).is_ok() { &tmp } else { path };
+        let _ = std::fs::remove_file(&tmp);
         let fd = new_socket()?;
-        let (addr, len) = sockaddr(path)?;
+        let (addr, len) = sockaddr(bind_at)?;
         // SAFETY: addr is a valid sockaddr_un of length len.
         let r = unsafe {
             libc::bind(
@@ -287,7 +295,15 @@ impl Listener {
         }
         // SAFETY: plain system call on a socket we own.
         if unsafe { libc::listen(fd.as_raw_fd(), 4) } < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            let _ = std::fs::remove_file(bind_at);
+            return Err(e);
+        }
+        if bind_at != path {
+            if let Err(e) = std::fs::rename(bind_at, path) {
+                let _ = std::fs::remove_file(bind_at);
+                return Err(e);
+            }
         }
         Ok(Listener {
             fd,

@@ -42,9 +42,11 @@
 //!   a chain that cannot be walked breaks its queue.
 //!
 //! # Terminal size
-//! A PTY master's owner gets no SIGWINCH, so the size is not pushed to the
-//! device: the binary polls [`Console::refresh_size`] and, when it returns
-//! true, raises a config interrupt (`InterruptKind::Config`).
+//! A PTY master's owner gets no SIGWINCH and no poll event on a resize, so
+//! the size is looked at on a timer: with `VIRTIO_CONSOLE_F_SIZE` acked,
+//! [`VirtioDevice::config_watch`] gives the transport a watch that re-reads
+//! it every [`SIZE_POLL_INTERVAL`] and reports a change, upon which the
+//! transport raises a config interrupt.
 
 mod endpoint;
 mod queues;
@@ -59,7 +61,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use ringfence_device::{read_config_bytes, DeviceError, QueueHandler, VirtioDevice};
+use ringfence_device::{read_config_bytes, ConfigWatch, DeviceError, QueueHandler, VirtioDevice};
 
 use endpoint::Endpoint;
 use queues::Held;
@@ -167,8 +169,55 @@ pub struct Console {
     held: Arc<Mutex<Held>>,
     stats: Arc<ConsoleStats>,
     opts: ConsoleOptions,
-    config: [u8; CONFIG_SIZE],
+    /// Shared with the size watch of the live instance.
+    config: Arc<Mutex<ConfigState>>,
+    acked: u64,
+}
+
+/// How often a live console looks at its terminal's size.
+pub const SIZE_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The config space and the terminal size it was built from.
+#[derive(Debug, Clone, Copy)]
+struct ConfigState {
+    bytes: [u8; CONFIG_SIZE],
     size: Option<(u16, u16)>,
+}
+
+impl ConfigState {
+    /// Reads `end`'s terminal size into the config; true if it changed.
+    fn refresh(&mut self, end: &Endpoint) -> bool {
+        let Some(size) = end.size() else {
+            return false;
+        };
+        if self.size == Some(size) {
+            return false;
+        }
+        self.size = Some(size);
+        let (cols, rows) = size;
+        self.bytes[0..2].copy_from_slice(&cols.to_le_bytes());
+        self.bytes[2..4].copy_from_slice(&rows.to_le_bytes());
+        true
+    }
+}
+
+/// The live instance's terminal-size watch.
+struct SizeWatch {
+    end: Arc<Endpoint>,
+    config: Arc<Mutex<ConfigState>>,
+}
+
+impl ConfigWatch for SizeWatch {
+    fn interval(&self) -> std::time::Duration {
+        SIZE_POLL_INTERVAL
+    }
+
+    fn poll(&mut self) -> bool {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refresh(&self.end)
+    }
 }
 
 impl Console {
@@ -191,10 +240,13 @@ impl Console {
             held: Arc::new(Mutex::new(Held::new())),
             stats: Arc::new(ConsoleStats::default()),
             opts,
-            config: [0; CONFIG_SIZE],
-            size: None,
+            config: Arc::new(Mutex::new(ConfigState {
+                bytes: [0; CONFIG_SIZE],
+                size: None,
+            })),
+            acked: 0,
         };
-        console.config[4..8].copy_from_slice(&1u32.to_le_bytes()); // max_nr_ports
+        console.config_state().bytes[4..8].copy_from_slice(&1u32.to_le_bytes()); // max_nr_ports
         console.refresh_size();
         Ok(console)
     }
@@ -210,9 +262,13 @@ impl Console {
             held: self.held.clone(),
             stats: Arc::new(ConsoleStats::default()),
             opts: self.opts.clone(),
-            config: self.config,
-            size: self.size,
+            config: Arc::new(Mutex::new(*self.config_state())),
+            acked: 0,
         })
+    }
+
+    fn config_state(&self) -> std::sync::MutexGuard<'_, ConfigState> {
+        self.config.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The PTY slave clients open, for the `Pty` backend end.
@@ -228,23 +284,14 @@ impl Console {
     /// The terminal size as last read (cols, rows); `None` when the backend
     /// end is not a terminal.
     pub fn size(&self) -> Option<(u16, u16)> {
-        self.size
+        self.config_state().size
     }
 
     /// Reads the terminal size again and updates the config space; true if
     /// it changed (the caller then raises a config interrupt).
     pub fn refresh_size(&mut self) -> bool {
-        let Some(size) = self.end.size() else {
-            return false;
-        };
-        if self.size == Some(size) {
-            return false;
-        }
-        self.size = Some(size);
-        let (cols, rows) = size;
-        self.config[0..2].copy_from_slice(&cols.to_le_bytes());
-        self.config[2..4].copy_from_slice(&rows.to_le_bytes());
-        true
+        let end = self.end.clone();
+        self.config_state().refresh(&end)
     }
 
     /// Counters of this instance.
@@ -282,7 +329,7 @@ impl VirtioDevice for Console {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
-        read_config_bytes(&self.config, offset, data)
+        read_config_bytes(&self.config_state().bytes, offset, data)
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
@@ -320,6 +367,7 @@ impl VirtioDevice for Console {
             features = format_args!("{acked_features:#x}"),
             "virtio-console activated"
         );
+        self.acked = acked_features;
         let q = self.opts.queue_size;
         Ok(vec![
             Box::new(RxQueue::new(
@@ -332,5 +380,17 @@ impl VirtioDevice for Console {
         ])
     }
 
-    fn reset(&mut self) {}
+    fn reset(&mut self) {
+        self.acked = 0;
+    }
+
+    fn config_watch(&mut self) -> Option<Box<dyn ConfigWatch>> {
+        if self.acked & (1 << VIRTIO_CONSOLE_F_SIZE) == 0 || !self.end.has_size() {
+            return None;
+        }
+        Some(Box::new(SizeWatch {
+            end: self.end.clone(),
+            config: self.config.clone(),
+        }))
+    }
 }

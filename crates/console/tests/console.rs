@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use ringfence_console::{
     Console, ConsoleBackend, ConsoleOptions, ConsoleStats, CONFIG_SIZE, RX_HELD_MAX, TX_CHAIN_MAX,
+    VIRTIO_CONSOLE_F_SIZE,
 };
 use ringfence_device::{
     ChainError, DeviceMemory, Processed, QueueFailure, QueueHandler, QueueStats, VirtioDevice,
@@ -480,6 +481,41 @@ fn terminal_size_follows_the_slave() {
     let mut cfg = [0u8; 4];
     c.read_config(0, &mut cfg).unwrap();
     assert_eq!(cfg, [132, 0, 43, 0]);
+}
+
+fn set_size(slave: &File, cols: u16, rows: u16) {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    assert_eq!(
+        unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        0
+    );
+}
+
+#[test]
+fn a_live_console_with_f_size_is_watched_for_resizes() {
+    let mut c = pty();
+    let slave = open_slave(&c);
+    // Without F_SIZE acked there is nothing to watch.
+    let _ = c.activate(0).unwrap();
+    assert!(c.config_watch().is_none());
+    c.reset();
+    let _ = c.activate(1 << VIRTIO_CONSOLE_F_SIZE).unwrap();
+    let mut watch = c.config_watch().expect("F_SIZE acked on a terminal");
+    assert!(watch.interval() <= Duration::from_secs(1));
+    assert!(!watch.poll(), "no resize yet");
+    set_size(&slave, 100, 37);
+    assert!(watch.poll(), "a resize is a config change");
+    assert!(!watch.poll(), "and only once");
+    // The model serves what the watch found.
+    let mut cfg = [0u8; 4];
+    c.read_config(0, &mut cfg).unwrap();
+    assert_eq!(cfg, [100, 0, 37, 0]);
+    assert_eq!(c.size(), Some((100, 37)));
 }
 
 #[test]

@@ -92,6 +92,24 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, acked_features: u64) -> Result<Vec<Box<dyn QueueHandler>>, DeviceError>;
     /// Returns the device to its initial state (handlers have been dropped).
     fn reset(&mut self);
+    /// A watch over config changes that come from outside the driver and
+    /// have nothing to wait on (a terminal resized), for the transport to
+    /// run while the device is live; asked for right after `activate`.
+    /// `None`, the default, when the config changes only on driver writes.
+    fn config_watch(&mut self) -> Option<Box<dyn ConfigWatch>> {
+        None
+    }
+}
+
+/// Looks for config changes on a timer (see [`VirtioDevice::config_watch`]).
+/// It shares the model's config state, so what `poll` finds is what
+/// `read_config` serves.
+pub trait ConfigWatch: Send {
+    /// How often to look.
+    fn interval(&self) -> std::time::Duration;
+    /// Looks; true if the config space changed (the transport then raises
+    /// a config interrupt).
+    fn poll(&mut self) -> bool;
 }
 
 /// Processes the requests of one queue.

@@ -8,6 +8,7 @@
 //! sets DRIVER_OK.
 
 mod transport;
+mod watch;
 mod worker;
 
 use std::collections::BTreeMap;

@@ -14,6 +14,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 
+use crate::watch::ConfigWatcher;
 use crate::worker::{Stopped, Wake, Worker, WorkerCtx, STOP_TIMEOUT};
 use crate::BackendStats;
 
@@ -120,6 +121,8 @@ pub struct DeviceTransport {
     driver_features: u64,
     queues: Vec<QueueSlot>,
     workers: Vec<Worker>,
+    /// The device's config watch while it is live.
+    config_watcher: Option<ConfigWatcher>,
     memory: GuestMemoryAtomic<DeviceMemory>,
     notifier: Arc<Notifier>,
     stats: Option<Arc<BackendStats>>,
@@ -151,6 +154,7 @@ impl DeviceTransport {
             device,
             driver_features: 0,
             workers: Vec::new(),
+            config_watcher: None,
             memory,
             notifier: Arc::new(Notifier {
                 dev_num,
@@ -255,6 +259,7 @@ impl DeviceTransport {
     /// Stops the workers, resets the device model and all transport state
     /// except the config generation.
     pub fn reset(&mut self) {
+        self.config_watcher = None;
         for w in self.workers.drain(..) {
             if let Stopped::Abandoned = w.stop(STOP_TIMEOUT) {
                 tracing::error!(
@@ -387,6 +392,11 @@ impl DeviceTransport {
             })
             .map_err(|e| format!("spawn worker: {e}"))?;
             self.workers.push(worker);
+        }
+        if let Some(watch) = self.device.config_watch() {
+            let watcher = ConfigWatcher::spawn(watch, self.notifier.clone(), dev_num)
+                .map_err(|e| format!("spawn config watch: {e}"))?;
+            self.config_watcher = Some(watcher);
         }
         tracing::info!(
             dev = dev_num,

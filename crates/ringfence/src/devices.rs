@@ -278,6 +278,9 @@ impl VirtioDevice for Exclusive {
     fn reset(&mut self) {
         self.device.reset()
     }
+    fn config_watch(&mut self) -> Option<Box<dyn ringfence_device::ConfigWatch>> {
+        self.device.config_watch()
+    }
 }
 
 type Factory = Box<dyn Fn() -> std::io::Result<Box<dyn VirtioDevice>> + Send + Sync>;

@@ -234,3 +234,93 @@ fn an_endpoint_for_a_device_the_backend_lacks_fails_the_frontend() {
     );
     drop(backend.wait_with_output());
 }
+
+fn winsize(fd: i32) -> (u16, u16) {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize into `ws`.
+    assert_eq!(unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) }, 0);
+    (ws.ws_col, ws.ws_row)
+}
+
+#[test]
+fn a_resize_of_the_backend_terminal_reaches_the_frontend_pty() {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    let env = Env::new("endpoints-resize");
+    let socket = env.socket();
+    let mut backend = Command::new(BIN)
+        .args(["backend", "--once", "--socket-path"])
+        .arg(&socket)
+        .args(["--device", "console,pty"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let mut backend_out = std::io::BufReader::new(backend.stdout.take().unwrap());
+    backend_out.read_line(&mut first).unwrap();
+    let backend_pty = first
+        .trim()
+        .strip_prefix("console: PTY ")
+        .unwrap_or_else(|| panic!("backend printed {first:?}"))
+        .to_string();
+    let terminal = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&backend_pty)
+        .unwrap();
+    let set = |cols: u16, rows: u16| {
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize from `ws`.
+        let r = unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(r, 0);
+    };
+    set(90, 30);
+    wait_for(&socket, &mut backend);
+    let link = env.dir.join("pty");
+    let mut frontend = Command::new(BIN)
+        .args(["frontend", "--socket-path"])
+        .arg(&socket)
+        .args(["--console-pty", "--console-link"])
+        .arg(&link)
+        .args(["--duration-s", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&link, &mut frontend);
+    let pty = std::fs::File::open(&link).unwrap();
+    let until = |want: (u16, u16)| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while winsize(pty.as_raw_fd()) != want {
+            assert!(
+                Instant::now() < deadline,
+                "frontend PTY is {:?}, not {want:?}",
+                winsize(pty.as_raw_fd())
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    until((90, 30));
+    set(132, 43);
+    until((132, 43));
+    // SAFETY: plain kill(2) on a child we started.
+    unsafe { libc::kill(frontend.id() as i32, libc::SIGTERM) };
+    let (ok, out) = output_of(frontend);
+    assert!(ok, "{out}");
+    let report = out.lines().rfind(|l| l.starts_with("console: ")).unwrap();
+    assert!(!report.contains(" 0 resizes"), "{report}");
+    let mut rest = String::new();
+    backend_out.read_to_string(&mut rest).unwrap();
+    assert!(backend.wait().unwrap().success(), "{rest}");
+}

@@ -14,10 +14,9 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use ringfence_msg_driver::{BounceHal, CompletionWaiter};
-use virtio_drivers::device::common::Feature;
+use ringfence_msg_driver::{BounceHal, CompletionWaiter, MsgTransport};
 use virtio_drivers::queue::VirtQueue;
-use virtio_drivers::transport::Transport;
+use virtio_drivers::transport::{InterruptStatus, Transport};
 
 use super::{wait_events, DeviceLink, EndpointArgs, EndpointError, Report, Stop, WAIT_SLICE};
 
@@ -34,6 +33,45 @@ const BUF_BYTES: usize = 4096;
 const HELD_MAX: usize = 64 * 1024;
 /// After this long with a transmit in flight, notify again (see nbd.rs).
 const REKICK_AFTER: Duration = Duration::from_millis(2);
+bitflags::bitflags! {
+    /// The features the endpoint accepts (virtio-drivers' common `Feature`
+    /// would truncate the device-specific SIZE bit away).
+    #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+    struct Features: u64 {
+        /// VIRTIO_CONSOLE_F_SIZE: the device reports its terminal's size.
+        const SIZE = 1 << 0;
+        const RING_EVENT_IDX = 1 << 29;
+        const VERSION_1 = 1 << 32;
+    }
+}
+
+/// The device's terminal size (cols, rows), read consistently.
+fn device_size(transport: &MsgTransport) -> virtio_drivers::Result<(u16, u16)> {
+    transport.read_consistent(|| {
+        Ok((
+            transport.read_config_space::<u16>(0)?,
+            transport.read_config_space::<u16>(2)?,
+        ))
+    })
+}
+
+/// Gives the PTY the device's terminal size, so that programs on it see
+/// the size of the terminal on the other side (and SIGWINCH on a change).
+fn set_pty_size(pty: &std::fs::File, (cols, rows): (u16, u16)) -> Result<(), EndpointError> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from `ws`, which outlives the call.
+    if unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
+        return Err(EndpointError::io("setting the PTY's size")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
 
 /// Buffers and their tokens on one queue.
 struct Slots {
@@ -121,8 +159,9 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
         waiter,
         ..
     } = link;
-    let features = transport.begin_init(Feature::RING_EVENT_IDX | Feature::VERSION_1);
-    let event_idx = features.contains(Feature::RING_EVENT_IDX);
+    let features = transport.begin_init(Features::all());
+    let event_idx = features.contains(Features::RING_EVENT_IDX);
+    let sized = features.contains(Features::SIZE);
     let dev_err = |what| EndpointError::device(what, &waiter);
     let rxq = VirtQueue::new(&mut transport, RX_QUEUE, false, event_idx)
         .map_err(dev_err("console receive queue"))?;
@@ -144,6 +183,11 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
     }
     let mut master = std::fs::File::from(pty.master);
     let _slave = pty.slave; // held so the master never sees a hang-up
+    let mut resizes = 0u64;
+    if sized {
+        let size = device_size(&transport).map_err(dev_err("console size"))?;
+        set_pty_size(&master, size)?;
+    }
     let mut c = Console {
         rx: Slots::new(rxq, true),
         tx: Slots::new(txq, false),
@@ -154,6 +198,17 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
     let started = Instant::now();
     let mut last_kick = Instant::now();
     while !stop.stopped() {
+        // The device's terminal was resized (a config interrupt).
+        if transport
+            .ack_interrupt()
+            .contains(InterruptStatus::DEVICE_CONFIGURATION_INTERRUPT)
+            && sized
+        {
+            let size = device_size(&transport).map_err(dev_err("console size"))?;
+            set_pty_size(&master, size)?;
+            resizes += 1;
+            tracing::info!(cols = size.0, rows = size.1, "console resized");
+        }
         // Device → PTY.
         while let Some((i, len)) = c.rx.pop(&waiter)? {
             c.held
@@ -249,7 +304,7 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
     Ok(Report {
         device: "console",
         detail: format!(
-            "{:.1} s, {} bytes to the PTY, {} bytes from it",
+            "{:.1} s, {} bytes to the PTY, {} bytes from it, {resizes} resizes",
             started.elapsed().as_secs_f64(),
             c.to_pty,
             c.from_pty
