@@ -24,7 +24,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 8)]
     queue_depth: usize,
     /// Part 2: the devices to run at once (none: skip part 2).
-    #[arg(long, default_value = "blk,console,rng", value_delimiter = ',')]
+    #[arg(long, default_value = "blk,net,console,rng", value_delimiter = ',')]
     devices: Vec<String>,
     /// Part 2: MiB moved per device (TCP, NBD, vsock).
     #[arg(long, default_value_t = 64)]
@@ -86,6 +86,17 @@ impl Netns {
         c.args(["netns", "exec", &self.0]).arg(program);
         c
     }
+}
+
+/// Moves the calling thread (only) into the network namespace `name`.
+fn enter_netns(name: &str) -> std::io::Result<()> {
+    let f = File::open(format!("/run/netns/{name}"))?;
+    // SAFETY: setns on a namespace fd we hold open; CLONE_NEWNET moves only
+    // the calling thread.
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for Netns {
@@ -573,6 +584,106 @@ fn check_vsock(p: &Paths, mib: u64) -> Verdict {
     }
 }
 
-fn check_net(_a: &Netns, _b: &Netns, _mib: u64) -> Verdict {
-    Verdict::Skipped("not built yet".into())
+/// A 64-bit FNV-1a over a byte stream, to compare what was sent with what arrived.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn update(&mut self, data: &[u8]) {
+        for &b in data {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+/// Addresses both TAPs, then moves `mib` MiB over TCP from the frontend's
+/// namespace to the backend's, hashed on both ends.
+fn check_net(a: &Netns, b: &Netns, mib: u64) -> Verdict {
+    let run = || -> Result<(Duration, u64), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while run_ip(&["-n", &b.0, "link", "show", "rfd1"]).is_err() {
+            if Instant::now() > deadline {
+                return Err("the frontend's TAP rfd1 did not appear".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for (ns, dev, addr) in [(a, "rfd0", "10.79.0.1/24"), (b, "rfd1", "10.79.0.2/24")] {
+            run_ip(&["-n", &ns.0, "addr", "add", addr, "dev", dev]).map_err(|e| e.to_string())?;
+            run_ip(&["-n", &ns.0, "link", "set", dev, "up"]).map_err(|e| e.to_string())?;
+        }
+        let total = mib << 20;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let a_name = a.0.clone();
+        let server = std::thread::spawn(move || -> Result<(u64, Fnv), String> {
+            enter_netns(&a_name).map_err(|e| e.to_string())?;
+            let l = std::net::TcpListener::bind("10.79.0.1:5301").map_err(|e| e.to_string())?;
+            let _ = ready_tx.send(());
+            let (mut conn, _) = l.accept().map_err(|e| e.to_string())?;
+            conn.set_read_timeout(Some(Duration::from_secs(20)))
+                .map_err(|e| e.to_string())?;
+            let (mut got, mut hash, mut buf) = (0u64, Fnv::new(), vec![0u8; 256 << 10]);
+            loop {
+                match conn.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        hash.update(&buf[..n]);
+                        got += n as u64;
+                    }
+                    Err(e) => return Err(format!("receive: {e}")),
+                }
+            }
+            Ok((got, hash))
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| "the receiver did not start".to_string())?;
+        let b_name = b.0.clone();
+        let client = std::thread::spawn(move || -> Result<(Duration, Fnv), String> {
+            enter_netns(&b_name).map_err(|e| e.to_string())?;
+            let addr: std::net::SocketAddr = ([10, 79, 0, 1], 5301).into();
+            // The first packets may wait for ARP across the device.
+            let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                .map_err(|e| format!("connect: {e}"))?;
+            let mut chunk = vec![0u8; 256 << 10];
+            let (mut sent, mut hash, start) = (0u64, Fnv::new(), Instant::now());
+            while sent < total {
+                let n = chunk.len().min((total - sent) as usize);
+                pattern(0x7e7 ^ sent, &mut chunk[..n]);
+                conn.write_all(&chunk[..n])
+                    .map_err(|e| format!("send: {e}"))?;
+                hash.update(&chunk[..n]);
+                sent += n as u64;
+            }
+            conn.shutdown(std::net::Shutdown::Write)
+                .map_err(|e| e.to_string())?;
+            Ok((start.elapsed(), hash))
+        });
+        let (took, sent_hash) = client.join().map_err(|_| "sender panicked".to_string())??;
+        let (got, got_hash) = server
+            .join()
+            .map_err(|_| "receiver panicked".to_string())??;
+        if got != total || got_hash.0 != sent_hash.0 {
+            return Err(format!(
+                "received {got} of {total} bytes, hash {:x} vs {:x}",
+                got_hash.0, sent_hash.0
+            ));
+        }
+        Ok((took, total))
+    };
+    match run() {
+        Ok((took, bytes)) => Verdict::Ok {
+            rate: format!(
+                "{:.0} Mbit/s",
+                bytes as f64 * 8.0 / 1e6 / took.as_secs_f64().max(1e-9)
+            ),
+            detail: format!(
+                "{} MiB over TCP between two network namespaces linked only by Ringfence, hash matches",
+                bytes >> 20
+            ),
+        },
+        Err(e) => Verdict::Failed(e),
+    }
 }
