@@ -24,7 +24,11 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 8)]
     queue_depth: usize,
     /// Part 2: the devices to run at once (none: skip part 2).
-    #[arg(long, default_value = "blk,net,console,rng", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "blk,net,console,rng,vsock",
+        value_delimiter = ','
+    )]
     devices: Vec<String>,
     /// Part 2: MiB moved per device (TCP, NBD, vsock).
     #[arg(long, default_value_t = 64)]
@@ -33,6 +37,14 @@ pub struct DemoArgs {
 
 /// Runs both parts; false if any check failed.
 pub fn run(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    const KNOWN: [&str; 6] = ["blk", "net", "console", "rng", "vsock", "none"];
+    if let Some(d) = args.devices.iter().find(|d| !KNOWN.contains(&d.as_str())) {
+        return Err(format!(
+            "--devices: unknown device {d:?} (known: {})",
+            KNOWN.join(", ")
+        )
+        .into());
+    }
     let disk_ok = disk_part(&args)?;
     let devices_ok = if args.devices.iter().all(|d| d.is_empty() || d == "none") {
         true

@@ -420,6 +420,7 @@ fn run_endpoints(args: &FrontendArgs) -> Result<bool, Box<dyn std::error::Error>
         std::thread::Builder::new()
             .name(format!("ep-{name}"))
             .spawn(move || {
+                let _span = tracing::info_span!("endpoint", name, dev = link.dev_num).entered();
                 // A driver that panics on what a hostile device said ends
                 // its own endpoint, reported, not the others.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -15,9 +15,6 @@
 //! bounce pool. Every endpoint sleeps in one `poll` on its local descriptors
 //! and its queues' call doorbells; none spins.
 
-// Until every endpoint is built, some helpers are unused.
-#![allow(dead_code)]
-
 pub mod console;
 pub mod nbd;
 pub mod net;
