@@ -250,7 +250,7 @@ impl Tap {
 
     /// Tells the TAP which offloads the guest accepts (`TUNSETOFFLOAD`,
     /// `TUN_F_*`): it then hands over packets needing exactly those.
-    pub(crate) fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
+    pub fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
         ioctl_val(
             self.fd.as_raw_fd(),
             libc::TUNSETOFFLOAD,
