@@ -44,16 +44,13 @@ fn spawn_backend(socket: &Path, devices: &[String]) -> Child {
     child
 }
 
-fn output_of(mut child: Child) -> (bool, String) {
-    let status = child.wait().unwrap();
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    (status.success(), out)
+/// Waits for `child` and returns whether it succeeded and its stdout.
+fn output_of(child: Child) -> (bool, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 /// The number before `word` in `line`.

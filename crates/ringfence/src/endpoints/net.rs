@@ -318,6 +318,30 @@ impl<const QS: usize> Drop for OffloadNet<QS> {
     }
 }
 
+/// Completes every finished transmit, freeing its buffer; true if any.
+fn complete_transmits<const QS: usize>(
+    net: &mut OffloadNet<QS>,
+    tx_of_token: &mut [Option<(usize, usize)>],
+    tx_bufs: &[Vec<u8>],
+    tx_free: &mut Vec<usize>,
+    waiter: &CompletionWaiter,
+) -> Result<bool, EndpointError> {
+    let mut any = false;
+    while let Some(token) = net.poll_transmit() {
+        let (i, len) = tx_of_token
+            .get_mut(usize::from(token))
+            .and_then(Option::take)
+            .ok_or(bogus_id("tx", token))?;
+        let buf = tx_bufs.get(i).and_then(|b| b.get(..len)).unwrap_or(&[]);
+        // SAFETY: the same buffer (and length) as passed to transmit_begin.
+        unsafe { net.transmit_complete(token, buf) }
+            .map_err(dev_err("completing transmit", waiter))?;
+        tx_free.push(i);
+        any = true;
+    }
+    Ok(any)
+}
+
 /// The endpoint with rings of `QS` entries.
 fn run_sized<const QS: usize>(
     transport: MsgTransport,
@@ -406,16 +430,7 @@ fn run_sized<const QS: usize>(
         let mut progress = false;
 
         // Transmits done: their buffers are free again.
-        while let Some(token) = net.poll_transmit() {
-            let (i, len) = tx_of_token
-                .get_mut(usize::from(token))
-                .and_then(Option::take)
-                .ok_or(bogus_id("tx", token))?;
-            let buf = tx_bufs.get(i).and_then(|b| b.get(..len)).unwrap_or(&[]);
-            // SAFETY: the same buffer (and length) as passed to transmit_begin.
-            unsafe { net.transmit_complete(token, buf) }
-                .map_err(dev_err("completing transmit", waiter))?;
-            tx_free.push(i);
+        if complete_transmits(&mut net, &mut tx_of_token, &tx_bufs, &mut tx_free, waiter)? {
             progress = true;
             last_tx_progress = Instant::now();
         }
@@ -538,17 +553,7 @@ fn run_sized<const QS: usize>(
     // Let the transmits in flight finish, briefly.
     let deadline = Instant::now() + DRAIN;
     while tx_free.len() < nbuf && Instant::now() < deadline {
-        while let Some(token) = net.poll_transmit() {
-            let (i, len) = tx_of_token
-                .get_mut(usize::from(token))
-                .and_then(Option::take)
-                .ok_or(bogus_id("tx", token))?;
-            let buf = tx_bufs.get(i).and_then(|b| b.get(..len)).unwrap_or(&[]);
-            // SAFETY: the same buffer (and length) as passed to transmit_begin.
-            unsafe { net.transmit_complete(token, buf) }
-                .map_err(dev_err("completing transmit", waiter))?;
-            tx_free.push(i);
-        }
+        complete_transmits(&mut net, &mut tx_of_token, &tx_bufs, &mut tx_free, waiter)?;
         if tx_free.len() < nbuf {
             wait_events(&[], waiter, &[TX_Q], OVERDUE)?;
         }
