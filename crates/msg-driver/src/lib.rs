@@ -290,14 +290,21 @@ pub struct MsgTransport {
     generation: Cell<Option<u32>>,
     generation_changes: Cell<u32>,
     out: RefCell<Vec<u8>>,
+    /// Whether `queue_unset` has reset the device already.
+    reset_done: Cell<bool>,
 }
 
 /// Lists the device numbers present on the bus (GET_DEVICES).
 pub fn discover(bus: &dyn DriverBus) -> Result<Vec<u16>, DriverError> {
-    let mut found = Vec::new();
+    // A set: a device side that repeats its bitmap at every offset lists
+    // each number once, and there are at most 65536 of them.
+    let mut found = std::collections::BTreeSet::new();
     let mut offset = 0u16;
     let mut buf = vec![0u8; bus.limits().max_msg_size];
-    for _ in 0..8192 {
+    // An honest device side needs a few rounds (at most 65536 numbers,
+    // about 2000 per message); one that advances by one each time is cut
+    // short instead of held for thousands of response timeouts.
+    for _ in 0..64 {
         let max_count = ((bus.limits().max_msg_size - 14) * 8).min(2048) as u16 / 8 * 8;
         let n = Message {
             dev_num: 0,
@@ -337,7 +344,7 @@ pub fn discover(bus: &dyn DriverBus) -> Result<Vec<u16>, DriverError> {
         for (i, byte) in bitmap.iter().enumerate() {
             for bit in 0..8 {
                 if byte & (1 << bit) != 0 {
-                    found.push(o.wrapping_add((i * 8 + bit) as u16));
+                    found.insert(o.wrapping_add((i * 8 + bit) as u16));
                 }
             }
         }
@@ -346,7 +353,7 @@ pub fn discover(bus: &dyn DriverBus) -> Result<Vec<u16>, DriverError> {
         }
         offset = next_offset;
     }
-    Ok(found)
+    Ok(found.into_iter().collect())
 }
 
 impl MsgTransport {
@@ -375,6 +382,7 @@ impl MsgTransport {
             generation: Cell::new(None),
             generation_changes: Cell::new(0),
             out: RefCell::new(vec![0; max]),
+            reset_done: Cell::new(false),
         };
         let info = t.request("GET_DEVICE_INFO", Body::GetDeviceInfo, |b| match b {
             Body::DeviceInfo(i) => Some(*i),
@@ -713,7 +721,18 @@ impl Transport for MsgTransport {
     }
 
     fn queue_unset(&mut self, _queue: u16) {
-        // RESET_VQUEUE needs VIRTIO_F_RING_RESET; a device reset clears queues.
+        // virtio-drivers calls this only when a driver is dropped, right
+        // before it frees the ring pages back to the bounce pool. Without
+        // VIRTIO_F_RING_RESET only a device reset takes the queues back, and
+        // it must come first: a device still at DRIVER_OK could write into
+        // pages that by then hold another device's buffers. Once is enough.
+        if self.shared.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        if self.reset_done.replace(true) {
+            return;
+        }
+        self.set_status(DeviceStatus::empty());
     }
 
     fn queue_used(&mut self, queue: u16) -> bool {

@@ -226,7 +226,7 @@ fn an_endpoint_for_a_device_the_backend_lacks_fails_the_frontend() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "frontend succeeded: {text}");
     assert!(
-        text.contains("blk: FAILED: the backend offers no blk device"),
+        text.contains("blk: FAILED: the backend offers no usable blk device"),
         "{text}"
     );
     drop(backend.wait_with_output());

@@ -144,12 +144,21 @@ impl Slots {
 
 /// Everything the loop keeps.
 struct Console {
+    transport: MsgTransport,
     rx: Slots,
     tx: Slots,
     /// Received, not yet written to the PTY.
     held: VecDeque<u8>,
     to_pty: u64,
     from_pty: u64,
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        // Resets the device (see MsgTransport::queue_unset) before the
+        // queues' pages go back to the pool; the buffers go after them.
+        self.transport.queue_unset(RX_QUEUE);
+    }
 }
 
 /// Runs the console endpoint until stopped.
@@ -168,6 +177,15 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
     let txq = VirtQueue::new(&mut transport, TX_QUEUE, false, event_idx)
         .map_err(dev_err("console transmit queue"))?;
     transport.finish_init();
+    // From here on, every way out resets the device first (Console's drop).
+    let mut c = Console {
+        transport,
+        rx: Slots::new(rxq, true),
+        tx: Slots::new(txq, false),
+        held: VecDeque::new(),
+        to_pty: 0,
+        from_pty: 0,
+    };
     if let Some(f) = waiter.failure() {
         return Err(EndpointError::Device {
             what: "console set-up",
@@ -185,26 +203,19 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
     let _slave = pty.slave; // held so the master never sees a hang-up
     let mut resizes = 0u64;
     if sized {
-        let size = device_size(&transport).map_err(dev_err("console size"))?;
+        let size = device_size(&c.transport).map_err(dev_err("console size"))?;
         set_pty_size(&master, size)?;
     }
-    let mut c = Console {
-        rx: Slots::new(rxq, true),
-        tx: Slots::new(txq, false),
-        held: VecDeque::new(),
-        to_pty: 0,
-        from_pty: 0,
-    };
     let started = Instant::now();
     let mut last_kick = Instant::now();
     while !stop.stopped() {
         // The device's terminal was resized (a config interrupt).
-        if transport
+        if c.transport
             .ack_interrupt()
             .contains(InterruptStatus::DEVICE_CONFIGURATION_INTERRUPT)
             && sized
         {
-            let size = device_size(&transport).map_err(dev_err("console size"))?;
+            let size = device_size(&c.transport).map_err(dev_err("console size"))?;
             set_pty_size(&master, size)?;
             resizes += 1;
             tracing::info!(cols = size.0, rows = size.1, "console resized");
@@ -239,7 +250,7 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
             notify_rx = true;
         }
         if notify_rx && c.rx.queue.should_notify() {
-            transport.notify(RX_QUEUE);
+            c.transport.notify(RX_QUEUE);
         }
         // PTY → device.
         while let Some((_, _)) = c.tx.pop(&waiter)? {}
@@ -268,7 +279,7 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
             last_kick = Instant::now();
         }
         if notify_tx && c.tx.queue.should_notify() {
-            transport.notify(TX_QUEUE);
+            c.transport.notify(TX_QUEUE);
         }
         // Sleep on the PTY (readable while a transmit slot is free,
         // writable while bytes are held) and both queues.
@@ -296,8 +307,8 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
             last_kick = Instant::now();
         }
     }
-    drop(c.rx.queue);
-    drop(c.tx.queue);
+    let (to_pty, from_pty) = (c.to_pty, c.from_pty);
+    drop(c);
     if let Some(link) = &args.console_link {
         let _ = std::fs::remove_file(link);
     }
@@ -306,8 +317,8 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
         detail: format!(
             "{:.1} s, {} bytes to the PTY, {} bytes from it, {resizes} resizes",
             started.elapsed().as_secs_f64(),
-            c.to_pty,
-            c.from_pty
+            to_pty,
+            from_pty
         ),
     })
 }

@@ -27,6 +27,11 @@ struct RemoteDisk<'a> {
     disk: &'a mut Disk,
     waiter: &'a CompletionWaiter,
     sectors: u64,
+    stop: &'a Stop,
+    /// Set when a request was abandoned (no answer in time, or a used id
+    /// not in flight): the queue can no longer be trusted, so every later
+    /// request fails at once instead of being matched to a stale completion.
+    dead: bool,
 }
 
 impl RemoteDisk<'_> {
@@ -62,15 +67,19 @@ impl RemoteDisk<'_> {
     }
 
     fn io(&mut self, offset: u64, mut buf: Buf<'_>) -> Result<(), BlockError> {
+        if self.dead {
+            return Err(BlockError::Io);
+        }
         let write = matches!(buf, Buf::Write(_));
         let sector =
             usize::try_from(offset / SECTOR_SIZE as u64).map_err(|_| BlockError::Invalid)?;
         let mut req = BlkReq::default();
         let mut resp = BlkResp::default();
         // SAFETY: req, buf and resp stay in place and untouched until the
-        // matching complete_* call below, which happens on every path that
-        // got a token (the wait either sees the token or the transport is
-        // broken; a broken transport's pool slots are never reused).
+        // matching complete_* call below. If the wait gives up instead, the
+        // request is abandoned with the disk marked dead, so its token is
+        // never popped and nothing is ever copied back into these buffers
+        // (BounceHal has the device work on copies in the window).
         let token = unsafe {
             match &mut buf {
                 Buf::Write(b) => self.disk.write_blocks_nb(sector, &mut req, b, &mut resp),
@@ -81,7 +90,11 @@ impl RemoteDisk<'_> {
             tracing::error!(error = %e, "submission failed");
             BlockError::Io
         })?;
-        self.wait_used(token)?;
+        if let Err(e) = self.wait_used(token) {
+            self.dead = true;
+            tracing::error!("request abandoned: the disk is unusable from now on");
+            return Err(e);
+        }
         // SAFETY: the same buffers as passed to the *_nb call that returned `token`.
         let (done, len) = unsafe {
             match buf {
@@ -123,7 +136,17 @@ impl BlockDevice for RemoteDisk<'_> {
     }
 
     fn flush(&mut self) -> Result<(), BlockError> {
-        self.disk.flush().map_err(|e| {
+        if self.dead {
+            return Err(BlockError::Io);
+        }
+        // VirtIOBlk::flush (virtio-drivers 0.13, no non-blocking form) waits
+        // by spinning on the used ring without a bound. A device that never
+        // answers cannot be cancelled from here, so a watchdog stops the
+        // frontend instead: every endpoint reports and the process ends.
+        let watchdog = Watchdog::arm(self.stop.clone(), REQUEST_TIMEOUT, "FLUSH");
+        let r = self.disk.flush();
+        watchdog.disarm();
+        r.map_err(|e| {
             tracing::warn!(error = %e, "flush failed");
             BlockError::Io
         })
@@ -137,6 +160,39 @@ impl BlockDevice for RemoteDisk<'_> {
     fn write_zeroes(&mut self, _offset: u64, _len: u64) -> Result<(), BlockError> {
         // Nor WRITE_ZEROES: the server writes zero buffers instead.
         Err(BlockError::Unsupported)
+    }
+}
+
+/// Stops the frontend if not disarmed within a timeout.
+struct Watchdog {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watchdog {
+    fn arm(stop: Stop, timeout: Duration, what: &'static str) -> Self {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watched = done.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + timeout;
+            while Instant::now() < deadline {
+                if watched.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !watched.load(Ordering::SeqCst) {
+                tracing::error!("the disk did not answer {what} within {timeout:?}: stopping");
+                eprintln!(
+                    "ringfence: blk: no answer to {what} within {timeout:?}; stopping the frontend"
+                );
+                stop.stop();
+            }
+        });
+        Self { done }
+    }
+
+    fn disarm(self) {
+        self.done.store(true, Ordering::SeqCst);
     }
 }
 
@@ -163,6 +219,12 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
     } = link;
     let mut disk =
         Disk::new(transport).map_err(EndpointError::device("VirtIOBlk set-up", &waiter))?;
+    if let Some(f) = waiter.failure() {
+        return Err(EndpointError::Device {
+            what: "VirtIOBlk set-up",
+            detail: f,
+        });
+    }
     let sectors = disk.capacity();
     let started = Instant::now();
     let listen = Listen::bind_unix(path).map_err(EndpointError::io("NBD socket"))?;
@@ -172,6 +234,8 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
         disk: &mut disk,
         waiter: &waiter,
         sectors,
+        stop,
+        dead: false,
     };
     while !stop.stopped() {
         if !client_waiting(&listen, WAIT_SLICE)? {

@@ -79,18 +79,33 @@ fn write_out(out: &mut File, mut data: &[u8], stop: &Stop) -> Result<bool, Endpo
     Ok(true)
 }
 
+/// The driver: its queue, and the transport it resets when dropped.
+struct RngDevice {
+    transport: MsgTransport,
+    queue: VirtQueue<BounceHal, QUEUE_SIZE>,
+}
+
+impl Drop for RngDevice {
+    fn drop(&mut self) {
+        // Resets the device (see MsgTransport::queue_unset) before the
+        // queue's pages go back to the pool.
+        self.transport.queue_unset(QUEUE);
+    }
+}
+
 /// Asks the device for entropy into `buf`; `Ok(None)` when stopped first.
 fn request(
-    queue: &mut VirtQueue<BounceHal, QUEUE_SIZE>,
-    transport: &mut MsgTransport,
+    dev: &mut RngDevice,
     waiter: &CompletionWaiter,
     buf: &mut [u8],
     stop: &Stop,
 ) -> Result<Option<usize>, EndpointError> {
     let dev_err = |what| EndpointError::device(what, waiter);
+    let RngDevice { transport, queue } = dev;
     // SAFETY: `buf` is neither read nor written until the token is popped
-    // below; if we return early (stopped, or the device failed) the queue
-    // is dropped by the caller before `buf` is, and never touches it again.
+    // below; if we return early (stopped, or the device failed) the device
+    // is reset and the queue dropped by the caller before `buf` is, and
+    // never touches it again.
     let token = unsafe { queue.add(&[], &mut [&mut *buf]) }.map_err(dev_err("rng request"))?;
     if queue.should_notify() {
         transport.notify(QUEUE);
@@ -147,10 +162,10 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
         ..
     } = link;
     let started = Instant::now();
-    // Declared before the queue so that it outlives it (see `request`).
+    // Declared before the device so that it outlives it (see `request`).
     let mut buf = vec![0u8; REQUEST_BYTES];
     let features = transport.begin_init(Feature::RING_EVENT_IDX | Feature::VERSION_1);
-    let mut queue = VirtQueue::<BounceHal, QUEUE_SIZE>::new(
+    let queue = VirtQueue::<BounceHal, QUEUE_SIZE>::new(
         &mut transport,
         QUEUE,
         false,
@@ -158,6 +173,7 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
     )
     .map_err(EndpointError::device("rng queue set-up", &waiter))?;
     transport.finish_init();
+    let mut dev = RngDevice { transport, queue };
     if let Some(f) = waiter.failure() {
         return Err(EndpointError::Device {
             what: "rng set-up",
@@ -179,8 +195,7 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
             t => usize::try_from(t - written).map_or(REQUEST_BYTES, |l| l.min(REQUEST_BYTES)),
         };
         let Some(got) = request(
-            &mut queue,
-            &mut transport,
+            &mut dev,
             &waiter,
             buf.get_mut(..want).unwrap_or_default(),
             stop,
@@ -201,7 +216,7 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
         written += got as u64;
         ended = "done";
     }
-    drop(queue);
+    drop(dev);
     let secs = started.elapsed().as_secs_f64();
     Ok(Report {
         device: "rng",
