@@ -43,6 +43,11 @@ pub struct BlkOptions {
     pub queue_size: u16,
     /// Serial number returned by GET_ID (at most 20 bytes are used).
     pub serial: String,
+    /// Most segments in one DISCARD request offered (1..=MAX_DISCARD_SEG);
+    /// a request with more is answered UNSUPP.
+    pub max_discard_seg: u32,
+    /// Most segments in one WRITE_ZEROES request offered (1..=MAX_DISCARD_SEG).
+    pub max_write_zeroes_seg: u32,
 }
 
 impl Default for BlkOptions {
@@ -52,6 +57,8 @@ impl Default for BlkOptions {
             num_queues: 1,
             queue_size: 256,
             serial: "ringfence".into(),
+            max_discard_seg: MAX_DISCARD_SEG,
+            max_write_zeroes_seg: MAX_DISCARD_SEG,
         }
     }
 }
@@ -89,6 +96,8 @@ pub(crate) struct Disk {
     pub(crate) read_only: bool,
     pub(crate) id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     pub(crate) stats: RequestStats,
+    pub(crate) max_discard_seg: u32,
+    pub(crate) max_write_zeroes_seg: u32,
 }
 
 /// A virtio-blk device.
@@ -114,6 +123,16 @@ impl Blk {
                 "num_queues {} not in 1..=64",
                 opts.num_queues
             )));
+        }
+        for (name, n) in [
+            ("max_discard_seg", opts.max_discard_seg),
+            ("max_write_zeroes_seg", opts.max_write_zeroes_seg),
+        ] {
+            if !(1..=MAX_DISCARD_SEG).contains(&n) {
+                return Err(BlkError::Option(format!(
+                    "{name} {n} not in 1..={MAX_DISCARD_SEG}"
+                )));
+            }
         }
         if !opts.queue_size.is_power_of_two() || opts.queue_size < 4 {
             return Err(BlkError::Option(format!(
@@ -160,6 +179,8 @@ impl Blk {
             read_only: opts.read_only,
             id,
             stats: RequestStats::default(),
+            max_discard_seg: opts.max_discard_seg,
+            max_write_zeroes_seg: opts.max_write_zeroes_seg,
         });
         let mut blk = Blk {
             disk,
@@ -180,10 +201,10 @@ impl Blk {
         put(c, 32, &[u8::from(self.writeback)]); // writeback
         put(c, 34, &self.opts.num_queues.to_le_bytes()); // num_queues
         put(c, 36, &MAX_DISCARD_SECTORS.to_le_bytes());
-        put(c, 40, &MAX_DISCARD_SEG.to_le_bytes());
+        put(c, 40, &self.disk.max_discard_seg.to_le_bytes());
         put(c, 44, &1u32.to_le_bytes()); // discard_sector_alignment
         put(c, 48, &MAX_DISCARD_SECTORS.to_le_bytes());
-        put(c, 52, &MAX_DISCARD_SEG.to_le_bytes());
+        put(c, 52, &self.disk.max_write_zeroes_seg.to_le_bytes());
         put(c, 56, &[1]); // write_zeroes_may_unmap
     }
 
@@ -200,6 +221,8 @@ impl Blk {
                 read_only: disk.read_only,
                 id: disk.id,
                 stats: RequestStats::default(),
+                max_discard_seg: disk.max_discard_seg,
+                max_write_zeroes_seg: disk.max_write_zeroes_seg,
             }),
             opts: self.opts.clone(),
             config: self.config,

@@ -32,6 +32,8 @@ pub struct RequestStats {
 enum ReqError {
     #[error("unsupported request type or flags {0:#x}")]
     Unsupported(u32),
+    #[error("{count} segments, {max} offered")]
+    TooManySegments { count: u64, max: u32 },
     #[error("invalid request: {0}")]
     Invalid(&'static str),
     #[error("image I/O failed")]
@@ -266,9 +268,19 @@ impl BlkQueue {
     fn discard_or_zero(&self, mem: &DeviceMemory, zero: bool) -> Result<(), ReqError> {
         const ENTRY: usize = 16;
         let total = self.total_len(false)?;
-        let max = u64::from(MAX_DISCARD_SEG) * ENTRY as u64;
-        if total == 0 || total % ENTRY as u64 != 0 || total > max {
+        if total == 0 || total % ENTRY as u64 != 0 {
             return Err(ReqError::Invalid("bad discard segment list"));
+        }
+        // More segments than offered: UNSUPP, as QEMU's own backends answer.
+        let offered = if zero {
+            self.disk.max_write_zeroes_seg
+        } else {
+            self.disk.max_discard_seg
+        };
+        let count = total / ENTRY as u64;
+        let max = offered.min(MAX_DISCARD_SEG);
+        if count > u64::from(max) {
+            return Err(ReqError::TooManySegments { count, max });
         }
         // Copy the whole list out of shared memory once.
         let mut list = [0u8; MAX_DISCARD_SEG as usize * ENTRY];
@@ -440,8 +452,8 @@ impl QueueHandler for BlkQueue {
                 self.disk.stats.ok.fetch_add(1, Ordering::Relaxed);
                 (VIRTIO_BLK_S_OK, n)
             }
-            Err(ReqError::Unsupported(t)) => {
-                tracing::debug!(req_type = t, "unsupported request");
+            Err(e @ (ReqError::Unsupported(_) | ReqError::TooManySegments { .. })) => {
+                tracing::debug!(error = %e, "unsupported request");
                 self.disk.stats.unsupp.fetch_add(1, Ordering::Relaxed);
                 (VIRTIO_BLK_S_UNSUPP, 0)
             }

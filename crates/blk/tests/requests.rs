@@ -327,6 +327,65 @@ fn get_id_discard_and_write_zeroes() {
 }
 
 #[test]
+fn discard_and_write_zeroes_segment_limits_are_offered_and_kept() {
+    let img = image("segs", &[0xEEu8; 16 * 512]);
+    assert!(Blk::open(
+        &img.0,
+        BlkOptions {
+            max_discard_seg: 0,
+            ..Default::default()
+        }
+    )
+    .is_err());
+    let mut blk = Blk::open(
+        &img.0,
+        BlkOptions {
+            max_write_zeroes_seg: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut cfg = [0u8; 4];
+    blk.read_config(40, &mut cfg).unwrap();
+    assert_eq!(u32::from_le_bytes(cfg), 32, "max_discard_seg");
+    blk.read_config(52, &mut cfg).unwrap();
+    assert_eq!(u32::from_le_bytes(cfg), 1, "max_write_zeroes_seg");
+    // Two segments: sectors 0 and 1, one each.
+    let mut segs = [0u8; 32];
+    segs[8..12].copy_from_slice(&1u32.to_le_bytes());
+    segs[16..24].copy_from_slice(&1u64.to_le_bytes());
+    segs[24..28].copy_from_slice(&1u32.to_le_bytes());
+    let mem = memory();
+    mem.write_slice(&segs, GuestAddress(DATA)).unwrap();
+    let two = [(HDR, 16, 0), (DATA, 32, 0), (STATUS, 1, F_WRITE)];
+    header(&mem, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    assert_eq!(run(&mut blk, &mem, &two).0, VIRTIO_BLK_S_UNSUPP as u8);
+    assert!(std::fs::read(&img.0).unwrap().iter().all(|&b| b == 0xEE));
+    // DISCARD keeps its 32 (sectors 4 and 5, away from what follows).
+    segs[..8].copy_from_slice(&4u64.to_le_bytes());
+    segs[16..24].copy_from_slice(&5u64.to_le_bytes());
+    mem.write_slice(&segs, GuestAddress(DATA)).unwrap();
+    header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+    assert_eq!(run(&mut blk, &mem, &two).0, 0);
+    // One segment (sector 0) is within the limit.
+    segs[..8].copy_from_slice(&0u64.to_le_bytes());
+    mem.write_slice(&segs, GuestAddress(DATA)).unwrap();
+    header(&mem, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    assert_eq!(
+        run(
+            &mut blk,
+            &mem,
+            &[(HDR, 16, 0), (DATA, 16, 0), (STATUS, 1, F_WRITE)]
+        )
+        .0,
+        0
+    );
+    let disk = std::fs::read(&img.0).unwrap();
+    assert!(disk[..512].iter().all(|&b| b == 0));
+    assert!(disk[512..4 * 512].iter().all(|&b| b == 0xEE));
+}
+
+#[test]
 fn multiqueue_handlers_serve_queues_concurrently() {
     let img = image("mq", &vec![0u8; 64 * 1024]);
     let mut blk = Blk::open(

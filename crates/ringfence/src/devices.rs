@@ -32,6 +32,12 @@ pub enum DeviceArgs {
         /// Queue size offered.
         #[arg(long, default_value_t = 256)]
         queue_size: u16,
+        /// Most segments per DISCARD request offered (1..=32; more: UNSUPP).
+        #[arg(long, default_value_t = ringfence_blk::MAX_DISCARD_SEG)]
+        max_discard_seg: u32,
+        /// Most segments per WRITE_ZEROES request offered (1..=32).
+        #[arg(long, default_value_t = ringfence_blk::MAX_DISCARD_SEG)]
+        max_write_zeroes_seg: u32,
     },
     /// virtio-net on a TAP device.
     Net {
@@ -368,6 +374,8 @@ pub fn open(args: &DeviceArgs) -> Result<DeviceTemplate, Box<dyn std::error::Err
             read_only,
             num_queues,
             queue_size,
+            max_discard_seg,
+            max_write_zeroes_seg,
         } => {
             let blk = Blk::open(
                 image,
@@ -375,6 +383,8 @@ pub fn open(args: &DeviceArgs) -> Result<DeviceTemplate, Box<dyn std::error::Err
                     read_only: *read_only,
                     num_queues: *num_queues,
                     queue_size: *queue_size,
+                    max_discard_seg: *max_discard_seg,
+                    max_write_zeroes_seg: *max_write_zeroes_seg,
                     ..Default::default()
                 },
             )?;

@@ -4,7 +4,11 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ringfence_vhost_user::{serve_with_enable_shim, MemoryPolicy, VhostUserDevice};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixListener;
+
+use ringfence_vhost_user::{serve_listener_with_enable_shim, MemoryPolicy, VhostUserDevice};
+use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -15,8 +19,13 @@ use crate::devices::{open, DeviceArgs};
 #[derive(Debug, clap::Args)]
 pub struct VhostUserArgs {
     /// Unix socket QEMU connects to (`-chardev socket,path=...`).
-    #[arg(long)]
-    pub socket_path: PathBuf,
+    #[arg(long, required_unless_present = "socket_fd")]
+    pub socket_path: Option<PathBuf>,
+    /// Serve on this inherited, listening Unix socket instead (as
+    /// qemu-storage-daemon's `addr.type=fd`). Under systemd socket
+    /// activation (`LISTEN_FDS`/`LISTEN_PID`) neither option is needed.
+    #[arg(long, conflicts_with = "socket_path")]
+    pub socket_fd: Option<i32>,
     /// Restricted-memory mode: serve only a shared window, refuse a memory
     /// table larger than --window-max-mib (the guest must bounce its DMA there).
     #[arg(long)]
@@ -46,16 +55,14 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         MemoryPolicy::FullShare
     };
     let backend = VhostUserDevice::new(device, policy);
-    // QEMU's vhost-user-net enables its rings before SET_FEATURES, which the
-    // vhost crate refuses: net goes through the shim that holds those
-    // messages back (see ringfence_vhost_user::shim).
-    let enable_shim = matches!(args.device, DeviceArgs::Net { .. });
-    let socket = args.socket_path.clone();
+    let (listener, socket) = listener(&args)?;
     // vhost-user-backend blocks in accept/recv; leave promptly on SIGTERM/SIGINT.
     std::thread::spawn(move || loop {
         if STOP.load(Ordering::SeqCst) {
             tracing::info!("signal received, exiting");
-            let _ = std::fs::remove_file(&socket);
+            if let Some(socket) = &socket {
+                let _ = std::fs::remove_file(socket);
+            }
             std::process::exit(0);
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -65,7 +72,7 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         std::slice::from_ref(&args.device),
         args.no_sandbox,
     )?;
-    tracing::info!(socket = %args.socket_path.display(), ?policy, "vhost-user backend listening");
+    tracing::info!(?policy, "vhost-user backend listening");
     loop {
         // A fresh daemon per connection: vhost-user-backend keeps ownership
         // state per daemon, and a new frontend (QEMU restarted, guest rebooted)
@@ -77,14 +84,10 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         )
         .map_err(|e| format!("vhost-user daemon: {e:?}"))?;
         backend.set_epoll_handlers(&daemon.get_epoll_handlers());
-        let served = if enable_shim {
-            serve_with_enable_shim(&mut daemon, &args.socket_path).map_err(|e| e.to_string())
-        } else {
-            daemon
-                .serve(&args.socket_path)
-                .map_err(|e| format!("{e:?}"))
-        };
-        match served {
+        // Every connection goes through the shim: it holds QEMU's early
+        // SET_VRING_ENABLEs (vhost-user-net) and signals each new call fd
+        // once, as libvhost-user does (see ringfence_vhost_user::shim).
+        match serve_listener_with_enable_shim(&mut daemon, &listener) {
             Ok(()) => tracing::info!("frontend disconnected"),
             Err(e) => tracing::warn!(error = %e, "connection ended with an error"),
         }
@@ -92,4 +95,76 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
             return Ok(true);
         }
     }
+}
+
+/// The listening socket: inherited (`--socket-fd`, or systemd's
+/// `LISTEN_FDS` with `LISTEN_PID` naming us: fd 3), or bound at
+/// `--socket-path` (returned too, to be removed on exit).
+fn listener(
+    args: &VhostUserArgs,
+) -> Result<(Listener, Option<PathBuf>), Box<dyn std::error::Error>> {
+    let inherited = args.socket_fd.or_else(systemd_listen_fd);
+    if let Some(fd) = inherited {
+        check_listening_unix_socket(fd)?;
+        // SAFETY: `fd` is a listening Unix socket (checked above) that this
+        // process inherited and nothing else in it owns.
+        let l = unsafe { UnixListener::from_raw_fd(fd) };
+        return Ok((Listener::from(l), None));
+    }
+    let path = args
+        .socket_path
+        .clone()
+        .ok_or("--socket-path or --socket-fd is required")?;
+    let l = Listener::new(&path, true).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((l, Some(path)))
+}
+
+/// systemd socket activation: the first passed socket, fd 3, when
+/// `LISTEN_PID` is this process. The variables are removed so that no
+/// child takes them for its own.
+fn systemd_listen_fd() -> Option<i32> {
+    let pid = std::env::var("LISTEN_PID").ok()?.parse::<u32>().ok()?;
+    let fds = std::env::var("LISTEN_FDS").ok()?.parse::<u32>().ok()?;
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    (pid == std::process::id() && fds >= 1).then_some(3)
+}
+
+/// Refuses anything but a listening Unix stream socket.
+fn check_listening_unix_socket(fd: i32) -> Result<(), String> {
+    let mut domain: libc::c_int = 0;
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `domain`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "socket fd {fd}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as above, into `listening`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut listening as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || domain != libc::AF_UNIX || listening == 0 {
+        return Err(format!("socket fd {fd} is not a listening Unix socket"));
+    }
+    Ok(())
 }

@@ -27,7 +27,7 @@ use vmm_sys_util::event::{
 };
 
 pub mod shim;
-pub use shim::{serve_with_enable_shim, ShimError};
+pub use shim::{serve_listener_with_enable_shim, serve_with_enable_shim, ShimError};
 
 /// vhost-user's own feature bit (VHOST_USER_F_PROTOCOL_FEATURES).
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;

@@ -20,6 +20,12 @@
 //! dropping because, with PROTOCOL_FEATURES negotiated, rings start
 //! disabled: dropping an early `enable = 1` would leave the device dead.
 //!
+//! It also signals every call eventfd that `SET_VRING_CALL` installs, once,
+//! as libvhost-user does: a frontend whose interrupt was lost across a
+//! backend reconnect is woken and looks at the used ring (QEMU's
+//! vhost-user-blk `idx` qtest waits for exactly that). A spurious interrupt
+//! costs the driver one look; EVENT_IDX suppression is untouched after it.
+//!
 //! Everything else passes untouched. The frontend is hostile: every frame is
 //! bounded (the `vhost` crate's own payload and descriptor limits, so the
 //! shim refuses nothing the backend would accept), and a malformed one ends
@@ -51,6 +57,8 @@ const SET_FEATURES: u32 = 2;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 /// `VHOST_USER_SET_VRING_ENABLE`.
 const SET_VRING_ENABLE: u32 = 18;
+/// `VHOST_USER_SET_VRING_CALL`.
+const SET_VRING_CALL: u32 = 13;
 /// Header flags: protocol version 1.
 const VERSION_1: u32 = 0x1;
 /// Header flags: this is a reply.
@@ -154,6 +162,21 @@ where
 {
     // vhost's Listener unlinks a stale socket and removes its file when dropped.
     let listener = Listener::new(socket, true).map_err(ShimError::Listen)?;
+    serve_listener_with_enable_shim(daemon, &listener)
+}
+
+/// As [`serve_with_enable_shim`], on a listener the caller owns (one bound
+/// by path and kept across connections, or one inherited: `--socket-fd`,
+/// systemd's `LISTEN_FDS`).
+pub fn serve_listener_with_enable_shim<T>(
+    daemon: &mut VhostUserDaemon<T>,
+    listener: &Listener,
+) -> Result<(), ShimError>
+where
+    T: VhostUserBackend + Clone + 'static,
+    T::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+    T::Vring: Clone + Send + Sync,
+{
     let frontend = loop {
         match listener.accept() {
             Ok(Some(s)) => break s,
@@ -161,7 +184,7 @@ where
             Err(e) => return Err(ShimError::Accept(e)),
         }
     };
-    tracing::debug!(socket = %socket.display(), "frontend connected");
+    tracing::debug!("frontend connected");
     let backend = link_daemon(daemon)?;
     let result = run(frontend, backend);
     let daemon_result = daemon.wait();
@@ -364,6 +387,11 @@ fn frontend_to_backend(link: &Link) -> Result<(), ShimError> {
         }
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         send_backend(link, &buf, &raw)?;
+        if hdr.request == SET_VRING_CALL {
+            if let [call] = fds.as_slice() {
+                signal_once(call);
+            }
+        }
         drop(fds); // the backend has its own copies now
         if hdr.request == SET_FEATURES && !gate.open {
             gate.open = true;
@@ -386,6 +414,17 @@ fn frontend_to_backend(link: &Link) -> Result<(), ShimError> {
                 send_backend(link, &frame, &[])?;
             }
         }
+    }
+}
+
+/// Writes 1 to an eventfd the frontend gave as a call fd. Whatever the
+/// frontend passed, a failed write only loses the courtesy interrupt.
+fn signal_once(call: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to a descriptor we own.
+    let n = unsafe { libc::write(call.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    if n != 8 {
+        tracing::debug!("signalling a new call fd failed");
     }
 }
 

@@ -361,6 +361,8 @@ fn the_held_enable_reaches_the_backend_after_set_features() {
     let mut s = raw_connect(&socket);
     assert!(early_enable(&mut s, 1).is_some());
     let (fe, kick, call) = finish_setup(s, &guest);
+    // As libvhost-user does, a newly installed call fd is signalled once.
+    assert_eq!(call.read().unwrap(), 1, "the new call fd was not signalled");
     // The ring was enabled only by the replayed message: the request is served.
     post(&guest, &kick, 0, 6);
     assert!(
