@@ -112,6 +112,59 @@ pub trait ConfigWatch: Send {
     fn poll(&mut self) -> bool;
 }
 
+/// Runs a [`ConfigWatch`] on its own thread while a device is live and
+/// calls `on_change` for each change it finds; stopped (and joined) on drop.
+/// Transports use it to raise their config interrupt.
+pub struct ConfigWatcher {
+    stop: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ConfigWatcher {
+    /// Starts `watch`; `name` names the thread.
+    pub fn spawn(
+        mut watch: Box<dyn ConfigWatch>,
+        on_change: impl Fn() + Send + 'static,
+        name: String,
+    ) -> std::io::Result<Self> {
+        let stop = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let stopped = stop.clone();
+        // Never faster than 10 ms, whatever the model asks.
+        let interval = watch.interval().max(std::time::Duration::from_millis(10));
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let (lock, cv) = &*stopped;
+            let mut done = lock.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                done = cv
+                    .wait_timeout(done, interval)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                if *done {
+                    return;
+                }
+                if watch.poll() {
+                    on_change();
+                }
+            }
+        })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ConfigWatcher {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.stop;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Processes the requests of one queue.
 pub trait QueueHandler: Send {
     /// Handles one chain and returns the number of bytes written into

@@ -8,7 +8,6 @@
 //! sets DRIVER_OK.
 
 mod transport;
-mod watch;
 mod worker;
 
 use std::collections::BTreeMap;

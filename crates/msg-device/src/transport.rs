@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use ringfence_bus::{DeviceBus, Doorbell, DoorbellDirection};
 use ringfence_device::{
-    DeviceMemory, Interrupt, InterruptError, InterruptKind, QueueStats, VirtioDevice,
+    ConfigWatcher, DeviceMemory, Interrupt, InterruptError, InterruptKind, QueueStats, VirtioDevice,
 };
 use ringfence_virtio_msg::{feature_blocks, Body, DeviceInfo, Message, Vqueue, Words};
 use virtio_bindings::virtio_config::*;
@@ -14,7 +14,6 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 
-use crate::watch::ConfigWatcher;
 use crate::worker::{Stopped, Wake, Worker, WorkerCtx, STOP_TIMEOUT};
 use crate::BackendStats;
 
@@ -394,7 +393,14 @@ impl DeviceTransport {
             self.workers.push(worker);
         }
         if let Some(watch) = self.device.config_watch() {
-            let watcher = ConfigWatcher::spawn(watch, self.notifier.clone(), dev_num)
+            let notifier = self.notifier.clone();
+            let on_change = move || {
+                tracing::debug!(dev = dev_num, "config changed");
+                if let Err(e) = notifier.trigger(InterruptKind::Config) {
+                    tracing::warn!(error = %e, "config interrupt lost");
+                }
+            };
+            let watcher = ConfigWatcher::spawn(watch, on_change, format!("config-watch-{dev_num}"))
                 .map_err(|e| format!("spawn config watch: {e}"))?;
             self.config_watcher = Some(watcher);
         }

@@ -7,7 +7,11 @@ use std::time::Duration;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixListener;
 
-use ringfence_vhost_user::{serve_listener_with_enable_shim, MemoryPolicy, VhostUserDevice};
+use std::sync::Arc;
+
+use ringfence_vhost_user::{
+    serve_listener_with_enable_shim, BackendChannel, MemoryPolicy, VhostUserDevice,
+};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -56,6 +60,15 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
     };
     let backend = VhostUserDevice::new(device, policy);
     let (listener, socket) = listener(&args)?;
+    // The backend-request channel of whichever connection is live: the
+    // device's config changes (console resized, image grown) go out on it.
+    let channel = Arc::new(BackendChannel::default());
+    let notify = channel.clone();
+    backend.set_config_notifier(Some(Arc::new(move || match notify.config_changed() {
+        Ok(true) => tracing::info!("config change sent to the frontend"),
+        Ok(false) => tracing::debug!("config changed; the frontend gave no channel"),
+        Err(e) => tracing::warn!(error = %e, "config change not delivered"),
+    })));
     // vhost-user-backend blocks in accept/recv; leave promptly on SIGTERM/SIGINT.
     std::thread::spawn(move || loop {
         if STOP.load(Ordering::SeqCst) {
@@ -87,7 +100,7 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         // Every connection goes through the shim: it holds QEMU's early
         // SET_VRING_ENABLEs (vhost-user-net) and signals each new call fd
         // once, as libvhost-user does (see ringfence_vhost_user::shim).
-        match serve_listener_with_enable_shim(&mut daemon, &listener) {
+        match serve_listener_with_enable_shim(&mut daemon, &listener, &channel) {
             Ok(()) => tracing::info!("frontend disconnected"),
             Err(e) => tracing::warn!(error = %e, "connection ended with an error"),
         }

@@ -15,7 +15,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use ringfence_device::{DeviceMemory, QueueHandler, QueueStats, VirtioDevice};
+use ringfence_device::{ConfigWatcher, DeviceMemory, QueueHandler, QueueStats, VirtioDevice};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
@@ -27,7 +27,9 @@ use vmm_sys_util::event::{
 };
 
 pub mod shim;
-pub use shim::{serve_listener_with_enable_shim, serve_with_enable_shim, ShimError};
+pub use shim::{
+    serve_listener_with_enable_shim, serve_with_enable_shim, BackendChannel, ShimError,
+};
 
 /// vhost-user's own feature bit (VHOST_USER_F_PROTOCOL_FEATURES).
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -160,6 +162,8 @@ struct Inner {
     device: Box<dyn VirtioDevice>,
     acked: u64,
     active: bool,
+    /// The device's config watch while it is active.
+    watcher: Option<ConfigWatcher>,
 }
 
 /// Counters of the adapter.
@@ -196,7 +200,13 @@ pub struct VhostUserDevice {
     stats: AdapterStats,
     /// Offer VHOST_USER_F_PROTOCOL_FEATURES (see [`VhostUserDevice::without_protocol_features`]).
     protocol_features: AtomicBool,
+    /// Called when the device's config watch finds a change (the daemon
+    /// sends BACKEND_CONFIG_CHANGE_MSG on the backend-request channel).
+    config_notify: Arc<Mutex<Option<ConfigNotify>>>,
 }
+
+/// What the adapter calls when the device's config changed.
+pub type ConfigNotify = Arc<dyn Fn() + Send + Sync>;
 
 impl VhostUserDevice {
     /// Wraps `device`.
@@ -210,6 +220,7 @@ impl VhostUserDevice {
                 device,
                 acked: 0,
                 active: false,
+                watcher: None,
             }),
             handlers: (0..n).map(|_| Mutex::new(None)).collect(),
             queue_stats: (0..n).map(|_| QueueStats::default()).collect(),
@@ -220,7 +231,15 @@ impl VhostUserDevice {
             policy,
             stats: AdapterStats::default(),
             protocol_features: AtomicBool::new(true),
+            config_notify: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Sets (or clears) what to call when the device's config changes on
+    /// its own (a console resized, an image grown): the daemon passes the
+    /// backend-request channel's `config_changed` of each connection.
+    pub fn set_config_notifier(&self, notify: Option<ConfigNotify>) {
+        *self.config_notify.lock().unwrap_or_else(|p| p.into_inner()) = notify;
     }
 
     /// Stops offering VHOST_USER_F_PROTOCOL_FEATURES. QEMU's
@@ -305,6 +324,8 @@ impl VhostUserDevice {
         for b in &self.broken {
             b.store(false, Ordering::Relaxed);
         }
+        // Joined before the reset: no change is reported for a device being reset.
+        inner.watcher = None;
         if inner.active {
             inner.device.reset();
             inner.active = false;
@@ -323,6 +344,20 @@ impl VhostUserDevice {
             .map_err(VhostUserDeviceError::Activate)?;
         for (slot, h) in self.handlers.iter().zip(handlers) {
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        }
+        if let Some(watch) = inner.device.config_watch() {
+            let notify = self.config_notify.clone();
+            let on_change = move || {
+                let f = notify.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                match f {
+                    Some(f) => f(),
+                    None => tracing::debug!("config changed; no channel to tell the frontend"),
+                }
+            };
+            match ConfigWatcher::spawn(watch, on_change, "config-watch".into()) {
+                Ok(w) => inner.watcher = Some(w),
+                Err(e) => tracing::warn!(error = %e, "config changes will not be reported"),
+            }
         }
         inner.active = true;
         Ok(())

@@ -26,6 +26,11 @@
 //! vhost-user-blk `idx` qtest waits for exactly that). A spurious interrupt
 //! costs the driver one look; EVENT_IDX suppression is untouched after it.
 //!
+//! And it keeps the backend-request channel (`SET_BACKEND_REQ_FD`) open in a
+//! [`BackendChannel`]: rust-vmm's daemon drops the channel it is given, so
+//! QEMU would see it close at once ("Unexpected end-of-file") and the
+//! backend could never tell it that the config changed.
+//!
 //! Everything else passes untouched. The frontend is hostile: every frame is
 //! bounded (the `vhost` crate's own payload and descriptor limits, so the
 //! shim refuses nothing the backend would accept), and a malformed one ends
@@ -59,6 +64,10 @@ const SET_PROTOCOL_FEATURES: u32 = 16;
 const SET_VRING_ENABLE: u32 = 18;
 /// `VHOST_USER_SET_VRING_CALL`.
 const SET_VRING_CALL: u32 = 13;
+/// `VHOST_USER_SET_BACKEND_REQ_FD`.
+const SET_BACKEND_REQ_FD: u32 = 21;
+/// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` (a backend request).
+const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
 /// Header flags: protocol version 1.
 const VERSION_1: u32 = 0x1;
 /// Header flags: this is a reply.
@@ -162,7 +171,34 @@ where
 {
     // vhost's Listener unlinks a stale socket and removes its file when dropped.
     let listener = Listener::new(socket, true).map_err(ShimError::Listen)?;
-    serve_listener_with_enable_shim(daemon, &listener)
+    serve_listener_with_enable_shim(daemon, &listener, &BackendChannel::default())
+}
+
+/// The backend-request channel of the current connection, kept by the shim.
+#[derive(Debug, Default)]
+pub struct BackendChannel(Mutex<Option<UnixStream>>);
+
+impl BackendChannel {
+    /// Tells the frontend that the device's config changed
+    /// (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`; QEMU reads the config again
+    /// and notifies the guest). `Ok(false)` when no frontend gave a channel.
+    pub fn config_changed(&self) -> std::io::Result<bool> {
+        let guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sock) = guard.as_ref() else {
+            return Ok(false);
+        };
+        let hdr = Header {
+            request: BACKEND_CONFIG_CHANGE_MSG,
+            flags: VERSION_1,
+            size: 0,
+        };
+        send_frame(sock, &hdr.encode(), &[])?;
+        Ok(true)
+    }
+
+    fn set(&self, sock: Option<UnixStream>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = sock;
+    }
 }
 
 /// As [`serve_with_enable_shim`], on a listener the caller owns (one bound
@@ -171,6 +207,7 @@ where
 pub fn serve_listener_with_enable_shim<T>(
     daemon: &mut VhostUserDaemon<T>,
     listener: &Listener,
+    channel: &BackendChannel,
 ) -> Result<(), ShimError>
 where
     T: VhostUserBackend + Clone + 'static,
@@ -186,7 +223,8 @@ where
     };
     tracing::debug!("frontend connected");
     let backend = link_daemon(daemon)?;
-    let result = run(frontend, backend);
+    let result = run(frontend, backend, channel);
+    channel.set(None);
     let daemon_result = daemon.wait();
     stop_workers(daemon);
     result?;
@@ -296,34 +334,40 @@ impl Link {
 }
 
 /// Runs both forwarding directions until either side closes.
-fn run(frontend: UnixStream, backend: UnixStream) -> Result<(), ShimError> {
+fn run(
+    frontend: UnixStream,
+    backend: UnixStream,
+    channel: &BackendChannel,
+) -> Result<(), ShimError> {
     let link = Arc::new(Link {
         frontend,
         backend,
         frontend_write: Mutex::new(()),
     });
-    let up = {
-        let link = link.clone();
-        thread::Builder::new()
-            .name("vhost-user-shim".into())
-            .spawn(move || {
-                let r = frontend_to_backend(&link);
+    thread::scope(|scope| {
+        let up = {
+            let link = link.clone();
+            thread::Builder::new()
+                .name("vhost-user-shim".into())
+                .spawn_scoped(scope, move || {
+                    let r = frontend_to_backend(&link, channel);
+                    link.close();
+                    r
+                })
+        };
+        let up = match up {
+            Ok(t) => t,
+            Err(e) => {
                 link.close();
-                r
-            })
-    };
-    let up = match up {
-        Ok(t) => t,
-        Err(e) => {
-            link.close();
-            return Err(ShimError::Spawn(e));
-        }
-    };
-    let down = backend_to_frontend(&link);
-    link.close();
-    let up = up.join().unwrap_or(Err(ShimError::Panicked));
-    // The frontend's misbehaviour is the more useful error.
-    up.and(down)
+                return Err(ShimError::Spawn(e));
+            }
+        };
+        let down = backend_to_frontend(&link);
+        link.close();
+        let up = up.join().unwrap_or(Err(ShimError::Panicked));
+        // The frontend's misbehaviour is the more useful error.
+        up.and(down)
+    })
 }
 
 /// What the frontend has negotiated so far, as far as early enables care.
@@ -337,7 +381,7 @@ struct Gate {
     held: Vec<[u8; 8]>,
 }
 
-fn frontend_to_backend(link: &Link) -> Result<(), ShimError> {
+fn frontend_to_backend(link: &Link, channel: &BackendChannel) -> Result<(), ShimError> {
     let mut gate = Gate::default();
     let mut buf = Vec::with_capacity(HEADER_LEN + MAX_MSG_SIZE);
     loop {
@@ -390,6 +434,14 @@ fn frontend_to_backend(link: &Link) -> Result<(), ShimError> {
         if hdr.request == SET_VRING_CALL {
             if let [call] = fds.as_slice() {
                 signal_once(call);
+            }
+        }
+        if hdr.request == SET_BACKEND_REQ_FD {
+            if let [fd] = fds.as_slice() {
+                match fd.try_clone() {
+                    Ok(fd) => channel.set(Some(UnixStream::from(fd))),
+                    Err(e) => tracing::warn!(error = %e, "keeping the backend-request channel"),
+                }
             }
         }
         drop(fds); // the backend has its own copies now
