@@ -12,9 +12,10 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ringfence_device::{read_config_bytes, DeviceError, QueueHandler, VirtioDevice};
+use ringfence_device::{read_config_bytes, ConfigWatch, DeviceError, QueueHandler, VirtioDevice};
 use virtio_bindings::virtio_blk::*;
 
 pub use request::{BlkQueue, RequestStats};
@@ -92,7 +93,9 @@ pub enum BlkError {
 #[derive(Debug)]
 pub(crate) struct Disk {
     pub(crate) file: File,
-    pub(crate) sectors: u64,
+    /// Capacity; follows the image file when it is resized (see
+    /// [`CapacityWatch`]), so requests are checked against the current size.
+    pub(crate) sectors: AtomicU64,
     pub(crate) read_only: bool,
     pub(crate) id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     pub(crate) stats: RequestStats,
@@ -175,7 +178,7 @@ impl Blk {
         }
         let disk = Arc::new(Disk {
             file,
-            sectors: size / SECTOR_SIZE,
+            sectors: AtomicU64::new(size / SECTOR_SIZE),
             read_only: opts.read_only,
             id,
             stats: RequestStats::default(),
@@ -194,7 +197,11 @@ impl Blk {
 
     fn build_config(&mut self) {
         let c = &mut self.config;
-        put(c, 0, &self.disk.sectors.to_le_bytes()); // capacity
+        put(
+            c,
+            0,
+            &self.disk.sectors.load(Ordering::Relaxed).to_le_bytes(),
+        ); // capacity
         put(c, 8, &SIZE_MAX.to_le_bytes()); // size_max
         put(c, 12, &u32::from(self.opts.queue_size - 2).to_le_bytes()); // seg_max
         put(c, 20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
@@ -217,7 +224,7 @@ impl Blk {
         Ok(Blk {
             disk: Arc::new(Disk {
                 file: disk.file.try_clone()?,
-                sectors: disk.sectors,
+                sectors: AtomicU64::new(disk.sectors.load(Ordering::Relaxed)),
                 read_only: disk.read_only,
                 id: disk.id,
                 stats: RequestStats::default(),
@@ -232,7 +239,7 @@ impl Blk {
 
     /// Capacity in sectors.
     pub fn sectors(&self) -> u64 {
-        self.disk.sectors
+        self.disk.sectors.load(Ordering::Relaxed)
     }
 
     /// Request counters (shared by all queues).
@@ -275,7 +282,9 @@ impl VirtioDevice for Blk {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
-        read_config_bytes(&self.config, offset, data)
+        let mut config = self.config;
+        put(&mut config, 0, &self.sectors().to_le_bytes()); // capacity, as it is now
+        read_config_bytes(&config, offset, data)
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
@@ -292,7 +301,7 @@ impl VirtioDevice for Blk {
             1
         };
         tracing::info!(
-            sectors = self.disk.sectors,
+            sectors = self.sectors(),
             queues,
             read_only = self.disk.read_only,
             features = format_args!("{acked_features:#x}"),
@@ -307,4 +316,37 @@ impl VirtioDevice for Blk {
     }
 
     fn reset(&mut self) {}
+
+    fn config_watch(&mut self) -> Option<Box<dyn ConfigWatch>> {
+        // A block device's size does not change under us the same way; an
+        // image file is grown (or shrunk) with truncate or qemu-img resize.
+        let regular = self.disk.file.metadata().is_ok_and(|m| m.is_file());
+        regular.then(|| Box::new(CapacityWatch(self.disk.clone())) as Box<dyn ConfigWatch>)
+    }
+}
+
+/// How often a live device looks at its image's size.
+pub const CAPACITY_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Follows the image file's size: the capacity in the config space (and
+/// the bound requests are checked against) changes with it, and the
+/// transport tells the driver.
+struct CapacityWatch(Arc<Disk>);
+
+impl ConfigWatch for CapacityWatch {
+    fn interval(&self) -> std::time::Duration {
+        CAPACITY_POLL_INTERVAL
+    }
+
+    fn poll(&mut self) -> bool {
+        let Ok(meta) = self.0.file.metadata() else {
+            return false;
+        };
+        let sectors = meta.len() / SECTOR_SIZE;
+        let old = self.0.sectors.swap(sectors, Ordering::Relaxed);
+        if old != sectors {
+            tracing::info!(old, new = sectors, "image resized: capacity follows");
+        }
+        old != sectors
+    }
 }

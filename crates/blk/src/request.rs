@@ -166,7 +166,7 @@ impl BlkQueue {
         if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(ReqError::Invalid("length not a multiple of 512"));
         }
-        if end_sector > self.disk.sectors {
+        if end_sector > self.disk.sectors.load(Ordering::Relaxed) {
             return Err(ReqError::Invalid("beyond end of image"));
         }
         sector

@@ -452,3 +452,39 @@ fn multiqueue_handlers_serve_queues_concurrently() {
         );
     }
 }
+
+#[test]
+fn capacity_follows_the_image_file_while_live() {
+    let img = image("grow", &[0xEEu8; 8 * 512]);
+    let mut blk = Blk::open(&img.0, BlkOptions::default()).unwrap();
+    let capacity = |blk: &Blk| {
+        let mut c = [0u8; 8];
+        blk.read_config(0, &mut c).unwrap();
+        u64::from_le_bytes(c)
+    };
+    assert_eq!(capacity(&blk), 8);
+    let mut watch = blk.config_watch().expect("an image file is watched");
+    assert!(!watch.poll(), "unchanged");
+    let mem = memory();
+    mem.write_slice(&[0x44; 512], GuestAddress(DATA)).unwrap();
+    header(&mem, VIRTIO_BLK_T_OUT, 10);
+    let write_10 = [(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, F_WRITE)];
+    assert_eq!(
+        run(&mut blk, &mem, &write_10).0,
+        VIRTIO_BLK_S_IOERR as u8,
+        "sector 10 is beyond the end"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img.0)
+        .unwrap()
+        .set_len(16 * 512)
+        .unwrap();
+    assert!(watch.poll(), "a grown image is a config change");
+    assert!(!watch.poll(), "reported once");
+    assert_eq!(capacity(&blk), 16);
+    assert_eq!(run(&mut blk, &mem, &write_10).0, 0, "now inside the image");
+    assert!(std::fs::read(&img.0).unwrap()[10 * 512..11 * 512]
+        .iter()
+        .all(|&b| b == 0x44));
+}
