@@ -77,7 +77,16 @@ else
 fi
 qemu+=(-append "$append ${RF_FIO:+RF_FIO=1}")
 start=$(date +%s)
+# Grow the image (256 -> 320 MiB) once the guest is ready for it.
+( for _ in $(seq 3000); do
+      if grep -q '^RF: resize-ready' "$WORK/console.log" 2>/dev/null; then
+          truncate -s 320M "$image"; break
+      fi
+      sleep 0.1
+  done ) &
+RESIZER_PID=$!
 timeout "${GUEST_TIMEOUT:-300}" "${qemu[@]}" >"$WORK/console.log" 2>&1 || true
+kill "$RESIZER_PID" 2>/dev/null || true
 secs=$(( $(date +%s) - start ))
 tr -d '\r' <"$WORK/console.log" >"$WORK/console.txt" && mv "$WORK/console.txt" "$WORK/console.log"
 grep '^RF:' "$WORK/console.log" | sed "s/^/[$MODE] /" || true
@@ -92,6 +101,7 @@ grep -q '^RF: DONE' "$WORK/console.log" || fail "guest did not finish"
 ! grep -q '^RF: FAIL' "$WORK/console.log" || fail "guest check failed"
 grep -q '^RF: PASS raw pattern' "$WORK/console.log" || fail "no raw pattern check"
 grep -q '^RF: PASS ext4 unmounted' "$WORK/console.log" || fail "no ext4 check"
+grep -q '^RF: PASS resize' "$WORK/console.log" || fail "the guest did not see the image grow"
 
 # --- host-side checks on the image the backend wrote
 kill "$BACKEND_PID"; wait "$BACKEND_PID" 2>/dev/null || true; BACKEND_PID=
@@ -106,4 +116,6 @@ if [ "$MODE" = restricted ]; then
     grep 'serving shared window' "$WORK/backend.log" | head -n1 | sed "s/^.*INFO/[$MODE] backend:/"
 fi
 grep 'negotiated features' "$WORK/backend.log" | tail -n1 | sed "s/^.*INFO/[$MODE] backend:/" || true
-echo "[$MODE] PASS: guest boot + workload in ${secs}s (accel=$accel), e2fsck clean, file checksums match"
+grep -q 'config change sent to the frontend' "$WORK/backend.log" || fail "backend sent no config change"
+! grep -q 'Unexpected end-of-file' "$WORK/console.log" || fail "QEMU: Unexpected end-of-file"
+echo "[$MODE] PASS: guest boot + workload in ${secs}s (accel=$accel), e2fsck clean, file checksums match, resize seen"
