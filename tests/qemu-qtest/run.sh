@@ -22,7 +22,7 @@ TIMEOUT=${QTEST_TIMEOUT:-120}
 mkdir -p "$OUT"
 
 need=(meson ninja-build pkg-config libglib2.0-dev libpixman-1-dev zlib1g-dev
-      libfdt-dev flex bison dpkg-dev seabios ipxe-qemu)
+      libfdt-dev flex bison dpkg-dev patch gcc seabios ipxe-qemu)
 missing=()
 for p in "${need[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
