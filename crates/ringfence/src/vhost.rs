@@ -23,7 +23,7 @@ use crate::devices::{open, DeviceArgs};
 #[derive(Debug, clap::Args)]
 pub struct VhostUserArgs {
     /// Unix socket QEMU connects to (`-chardev socket,path=...`).
-    #[arg(long, required_unless_present = "socket_fd")]
+    #[arg(long)]
     pub socket_path: Option<PathBuf>,
     /// Serve on this inherited, listening Unix socket instead (as
     /// qemu-storage-daemon's `addr.type=fd`). Under systemd socket
@@ -124,10 +124,9 @@ fn listener(
         let l = unsafe { UnixListener::from_raw_fd(fd) };
         return Ok((Listener::from(l), None));
     }
-    let path = args
-        .socket_path
-        .clone()
-        .ok_or("--socket-path or --socket-fd is required")?;
+    let path = args.socket_path.clone().ok_or(
+        "--socket-path, --socket-fd or systemd socket activation (LISTEN_FDS) is required",
+    )?;
     let l = Listener::new(&path, true).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((l, Some(path)))
 }
@@ -161,7 +160,7 @@ fn check_listening_unix_socket(fd: i32) -> Result<(), String> {
     };
     if r != 0 {
         return Err(format!(
-            "socket fd {fd}: {}",
+            "socket fd {fd} is not a listening Unix socket: {}",
             std::io::Error::last_os_error()
         ));
     }
