@@ -152,4 +152,6 @@ if [ "$MODE" = restricted ]; then
         grep -q 'serving shared window' "$WORK/backend-$d.log" || fail "$d backend did not report a shared window"
     done
 fi
+# Every backend keeps its backend-request channel for the whole connection.
+! grep -q 'Unexpected end-of-file' "$WORK/guest.txt" || fail "QEMU: Unexpected end-of-file"
 echo "[$MODE] PASS: $DEVICES in a real guest in ${secs}s (QEMU $("$QEMU" --version | head -n1 | awk '{print $4}'))"
