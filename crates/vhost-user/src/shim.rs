@@ -20,6 +20,11 @@
 //! dropping because, with PROTOCOL_FEATURES negotiated, rings start
 //! disabled: dropping an early `enable = 1` would leave the device dead.
 //!
+//! A reset (`RESET_DEVICE`, `RESET_OWNER`) clears the daemon's acked
+//! features, and QEMU's vhost-user-net follows it with `SET_VRING_ENABLE 0`
+//! for its rings while stopping: the gate closes again until the next
+//! `SET_FEATURES`.
+//!
 //! It also signals every call eventfd that `SET_VRING_CALL` installs, once,
 //! as libvhost-user does: a frontend whose interrupt was lost across a
 //! backend reconnect is woken and looks at the used ring (QEMU's
@@ -64,6 +69,9 @@ const SET_PROTOCOL_FEATURES: u32 = 16;
 const SET_VRING_ENABLE: u32 = 18;
 /// `VHOST_USER_SET_VRING_CALL`.
 const SET_VRING_CALL: u32 = 13;
+/// `VHOST_USER_RESET_OWNER` and `VHOST_USER_RESET_DEVICE`.
+const RESET_OWNER: u32 = 4;
+const RESET_DEVICE: u32 = 34;
 /// `VHOST_USER_SET_BACKEND_REQ_FD`.
 const SET_BACKEND_REQ_FD: u32 = 21;
 /// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` (a backend request).
@@ -431,6 +439,12 @@ fn frontend_to_backend(link: &Link, channel: &BackendChannel) -> Result<(), Shim
         }
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         send_backend(link, &buf, &raw)?;
+        // A reset clears the acked features in the daemon: QEMU's
+        // vhost-user-net then disables its rings (SET_VRING_ENABLE 0) before
+        // any SET_FEATURES, exactly the early enable the gate exists for.
+        if hdr.request == RESET_DEVICE || hdr.request == RESET_OWNER {
+            gate.open = false;
+        }
         if hdr.request == SET_VRING_CALL {
             if let [call] = fds.as_slice() {
                 signal_once(call);

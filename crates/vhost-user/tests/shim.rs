@@ -456,3 +456,37 @@ fn garbage_from_the_frontend_ends_the_connection_without_a_panic() {
     }
     let _ = std::fs::remove_file(&img);
 }
+
+#[test]
+fn an_enable_after_a_device_reset_is_held_like_an_early_one() {
+    let img = image("reset");
+    let backend = blk(&img);
+    let socket = socket_path("reset");
+    let shim = spawn_shim(&socket, &backend);
+    let mut s = raw_connect(&socket);
+    send(&mut s, GET_FEATURES, V1, &[]);
+    let (_, _, body) = recv(&mut s).expect("GET_FEATURES answered");
+    let features = u64::from_le_bytes(body[..8].try_into().unwrap());
+    send(&mut s, SET_OWNER, V1, &[]);
+    const SET_FEATURES: u32 = 2;
+    const RESET_DEVICE: u32 = 34;
+    send(&mut s, SET_FEATURES, V1, &features.to_le_bytes());
+    let pf = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::RESET_DEVICE;
+    send(&mut s, SET_PROTOCOL_FEATURES, V1, &pf.bits().to_le_bytes());
+    // As QEMU's vhost-user-net stops: a reset, then its rings disabled.
+    send(&mut s, RESET_DEVICE, V1, &[]);
+    send(
+        &mut s,
+        SET_VRING_ENABLE,
+        V1 | NEED_REPLY,
+        &vring_state(0, 0),
+    );
+    let (req, flags, body) = recv(&mut s).expect("the disable is acknowledged");
+    assert_eq!((req, flags), (SET_VRING_ENABLE, V1 | REPLY));
+    assert_eq!(body, 0u64.to_le_bytes(), "success");
+    // The connection is still served (the daemon did not hang up).
+    send(&mut s, GET_FEATURES, V1, &[]);
+    assert!(recv(&mut s).is_some(), "the daemon ended the connection");
+    drop(s);
+    join(shim).expect("clean end");
+}
