@@ -295,6 +295,10 @@ impl VirtioDevice for Blk {
     }
 
     fn activate(&mut self, acked_features: u64) -> Result<Vec<Box<dyn QueueHandler>>, DeviceError> {
+        // The image may have changed size while no device was live.
+        if self.disk.file.metadata().is_ok_and(|m| m.is_file()) {
+            CapacityWatch(self.disk.clone()).poll();
+        }
         let queues = if acked_features & (1 << VIRTIO_BLK_F_MQ) != 0 {
             self.opts.num_queues
         } else {

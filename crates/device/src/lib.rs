@@ -133,15 +133,18 @@ impl ConfigWatcher {
         let interval = watch.interval().max(std::time::Duration::from_millis(10));
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let (lock, cv) = &*stopped;
-            let mut done = lock.lock().unwrap_or_else(|p| p.into_inner());
             loop {
-                done = cv
-                    .wait_timeout(done, interval)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-                if *done {
-                    return;
+                {
+                    let done = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    let (done, _) = cv
+                        .wait_timeout_while(done, interval, |d| !*d)
+                        .unwrap_or_else(|p| p.into_inner());
+                    if *done {
+                        return;
+                    }
                 }
+                // Outside the lock: a slow look or notice never holds up
+                // the drop that stops the watch for longer than itself.
                 if watch.poll() {
                     on_change();
                 }

@@ -122,6 +122,12 @@ fn listener(
         // SAFETY: `fd` is a listening Unix socket (checked above) that this
         // process inherited and nothing else in it owns.
         let l = unsafe { UnixListener::from_raw_fd(fd) };
+        // Accept blocks between frontends (a non-blocking listener would
+        // make vhost's accept loop spin), and no child inherits it.
+        l.set_nonblocking(false)
+            .map_err(|e| format!("socket fd {fd}: {e}"))?;
+        // SAFETY: FD_CLOEXEC on a descriptor we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         return Ok((Listener::from(l), None));
     }
     let path = args.socket_path.clone().ok_or(
@@ -175,7 +181,20 @@ fn check_listening_unix_socket(fd: i32) -> Result<(), String> {
             &mut len,
         )
     };
-    if r != 0 || domain != libc::AF_UNIX || listening == 0 {
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as above, into `ty`.
+    let r2 = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    // vhost-user is a byte stream: a SEQPACKET listener would break framing.
+    if r != 0 || r2 != 0 || domain != libc::AF_UNIX || ty != libc::SOCK_STREAM || listening == 0 {
         return Err(format!("socket fd {fd} is not a listening Unix socket"));
     }
     Ok(())

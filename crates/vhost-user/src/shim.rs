@@ -190,8 +190,13 @@ impl BackendChannel {
     /// Tells the frontend that the device's config changed
     /// (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`; QEMU reads the config again
     /// and notifies the guest). `Ok(false)` when no frontend gave a channel.
+    ///
+    /// Never waits: a frontend that does not read its channel loses the
+    /// notice (`WouldBlock`), and one that leaves a frame half sent loses
+    /// the channel, rather than holding the config watch and every lock
+    /// behind it.
     pub fn config_changed(&self) -> std::io::Result<bool> {
-        let guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let Some(sock) = guard.as_ref() else {
             return Ok(false);
         };
@@ -199,9 +204,28 @@ impl BackendChannel {
             request: BACKEND_CONFIG_CHANGE_MSG,
             flags: VERSION_1,
             size: 0,
+        }
+        .encode();
+        // SAFETY: sends `hdr.len()` bytes from a live buffer on a socket we own.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                hdr.as_ptr().cast(),
+                hdr.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
         };
-        send_frame(sock, &hdr.encode(), &[])?;
-        Ok(true)
+        match usize::try_from(n) {
+            Ok(n) if n == hdr.len() => Ok(true),
+            Ok(_) => {
+                // Half a frame on the channel: nothing more can follow it.
+                *guard = None;
+                Err(std::io::Error::other(
+                    "backend-request channel: short send, closed",
+                ))
+            }
+            Err(_) => Err(std::io::Error::last_os_error()),
+        }
     }
 
     fn set(&self, sock: Option<UnixStream>) {
@@ -485,10 +509,30 @@ fn frontend_to_backend(link: &Link, channel: &BackendChannel) -> Result<(), Shim
 
 /// Writes 1 to an eventfd the frontend gave as a call fd. Whatever the
 /// frontend passed, a failed write only loses the courtesy interrupt.
+///
+/// The frontend chose the descriptor: only a non-blocking one that is
+/// writable right now is written, so a counter it saturated, a full pipe or
+/// a blocking descriptor cannot hold the shim (QEMU's are non-blocking
+/// eventfds). A frontend racing to make it blocking between the look and
+/// the write only harms its own connection.
 fn signal_once(call: &OwnedFd) {
+    let fd = call.as_raw_fd();
+    // SAFETY: F_GETFL on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    let mut p = [libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    }];
+    // SAFETY: one valid pollfd, no waiting.
+    let ready = unsafe { libc::poll(p.as_mut_ptr(), 1, 0) } == 1 && p[0].revents == libc::POLLOUT;
+    if flags < 0 || flags & libc::O_NONBLOCK == 0 || !ready {
+        tracing::debug!("call fd not signalled: blocking or not writable");
+        return;
+    }
     let one = 1u64.to_ne_bytes();
     // SAFETY: writes 8 bytes from a live buffer to a descriptor we own.
-    let n = unsafe { libc::write(call.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    let n = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
     if n != 8 {
         tracing::debug!("signalling a new call fd failed");
     }

@@ -490,3 +490,42 @@ fn an_enable_after_a_device_reset_is_held_like_an_early_one() {
     drop(s);
     join(shim).expect("clean end");
 }
+
+#[test]
+fn a_call_fd_that_would_block_is_not_signalled_and_holds_nothing() {
+    use std::os::fd::FromRawFd;
+    let img = image("blockingcall");
+    let backend = blk(&img);
+    let socket = socket_path("blockingcall");
+    let shim = spawn_shim(&socket, &backend);
+    let fe = Frontend::from_stream(raw_connect(&socket), 1);
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    fe.set_features(features & ((1 << 32) | PROTOCOL_FEATURES))
+        .unwrap();
+    // A blocking pipe with a full buffer as the "call eventfd": a write to
+    // it would wait for ever.
+    let mut fds = [0; 2];
+    assert_eq!(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) },
+        0
+    );
+    let chunk = [0u8; 4096];
+    while unsafe { libc::write(fds[1], chunk.as_ptr().cast(), chunk.len()) } > 0 {}
+    assert_eq!(unsafe { libc::fcntl(fds[1], libc::F_SETFL, 0) }, 0);
+    let call = unsafe { EventFd::from_raw_fd(fds[1]) };
+    // The shim must still be forwarding: the next request is answered. In
+    // a thread with a bound, so that a stuck shim fails the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = fe.set_vring_call(0, &call).and_then(|()| fe.get_features());
+        let _ = tx.send((r.map_err(|e| e.to_string()), fe, call));
+    });
+    let (answered, fe, _call) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the shim is stuck on the call fd");
+    assert_eq!(answered.unwrap(), features);
+    drop(fe);
+    join(shim).expect("clean end");
+    unsafe { libc::close(fds[0]) };
+}
