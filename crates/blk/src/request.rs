@@ -5,9 +5,11 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use ringfence_device::{walk_chain, Chain, ChainError, DeviceMemory, QueueHandler, Segment};
+use ringfence_device::{
+    answer_byte, walk_chain, Chain, ChainError, DeviceMemory, QueueHandler, Segment,
+};
 use virtio_bindings::virtio_blk::*;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{Address, Bytes, GuestMemoryBackend, VolatileSlice};
 
 use crate::{Disk, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE, SIZE_MAX};
 
@@ -69,28 +71,6 @@ impl BlkQueue {
             segments: Vec::with_capacity(usize::from(queue_size)),
             max_descriptors: usize::from(queue_size),
         }
-    }
-
-    /// Finds the status byte: the last byte of the last descriptor, which
-    /// must be device-writable and inside shared memory. Without it the
-    /// chain cannot be answered at all.
-    fn status_addr(&self, head: u16, mem: &DeviceMemory) -> Result<GuestAddress, ChainError> {
-        let unanswerable = |reason| ChainError::Unanswerable { head, reason };
-        let last = self
-            .descriptors
-            .last()
-            .ok_or(unanswerable("no descriptor"))?;
-        if !last.writable || last.len == 0 {
-            return Err(unanswerable(
-                "last descriptor is not a device-writable status byte",
-            ));
-        }
-        let addr = last
-            .addr
-            .checked_add(u64::from(last.len - 1))
-            .ok_or(unanswerable("status byte address overflows"))?;
-        mem.check_address(addr)
-            .ok_or(unanswerable("status byte outside shared memory"))
     }
 
     /// Splits the chain, whose status byte is known, into header and data
@@ -436,7 +416,7 @@ impl QueueHandler for BlkQueue {
         // Parse, then execute: the whole chain is walked and the status byte
         // identified before anything is read from or written to the buffers.
         let walked = walk_chain(chain, self.max_descriptors, &mut self.descriptors)
-            .and_then(|()| self.status_addr(head, mem));
+            .and_then(|()| answer_byte(&self.descriptors, head, mem));
         let status_addr = match walked {
             Ok(a) => a,
             Err(e) => {

@@ -267,6 +267,31 @@ pub enum ChainError {
     },
 }
 
+/// The in-band answer byte that virtio-blk (status) and virtio-net's control
+/// queue (ack) put last: the last byte of the last descriptor, which must be
+/// device-writable and inside shared memory. Without it the chain cannot be
+/// answered at all.
+pub fn answer_byte(
+    segments: &[Segment],
+    head: u16,
+    mem: &DeviceMemory,
+) -> Result<GuestAddress, ChainError> {
+    use vm_memory::{Address, GuestMemoryBackend};
+    let unanswerable = |reason| ChainError::Unanswerable { head, reason };
+    let last = segments.last().ok_or(unanswerable("no descriptor"))?;
+    if !last.writable || last.len == 0 {
+        return Err(unanswerable(
+            "last descriptor is not a device-writable answer byte",
+        ));
+    }
+    let addr = last
+        .addr
+        .checked_add(u64::from(last.len - 1))
+        .ok_or(unanswerable("answer byte address overflows"))?;
+    mem.check_address(addr)
+        .ok_or(unanswerable("answer byte outside shared memory"))
+}
+
 /// Walks the whole chain into `out` (cleared first), at most `max`
 /// descriptors, and checks that it ended where the driver said it ends: on
 /// a descriptor without NEXT. `virtio-queue`'s iterator stops silently on a

@@ -3,9 +3,11 @@
 
 use std::sync::Arc;
 
-use ringfence_device::{walk_chain, Chain, ChainError, DeviceMemory, QueueHandler, Segment};
+use ringfence_device::{
+    answer_byte, walk_chain, Chain, ChainError, DeviceMemory, QueueHandler, Segment,
+};
 use virtio_bindings::virtio_net::*;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes};
 
 use crate::{inc, valid_unicast, Shared, MAC_TABLE_ENTRIES};
 
@@ -108,27 +110,6 @@ impl CtrlQueue {
 
     fn has(&self, feature: u32) -> bool {
         self.acked & (1u64 << feature) != 0
-    }
-
-    /// The ack byte: the last byte of the last descriptor, device-writable
-    /// and inside shared memory.
-    fn ack_addr(&self, head: u16, mem: &DeviceMemory) -> Result<GuestAddress, ChainError> {
-        let unanswerable = |reason| ChainError::Unanswerable { head, reason };
-        let last = self
-            .descriptors
-            .last()
-            .ok_or(unanswerable("no descriptor"))?;
-        if !last.writable || last.len == 0 {
-            return Err(unanswerable(
-                "last descriptor is not a device-writable ack byte",
-            ));
-        }
-        let addr = last
-            .addr
-            .checked_add(u64::from(last.len - 1))
-            .ok_or(unanswerable("ack byte address overflows"))?;
-        mem.check_address(addr)
-            .ok_or(unanswerable("ack byte outside shared memory"))
     }
 
     /// Splits off class and command; the rest of the readable bytes go to `data`.
@@ -291,7 +272,7 @@ impl QueueHandler for CtrlQueue {
     fn handle_chain(&mut self, chain: Chain<'_>, mem: &DeviceMemory) -> Result<u32, ChainError> {
         let head = chain.head_index();
         let walked = walk_chain(chain, self.max_descriptors, &mut self.descriptors)
-            .and_then(|()| self.ack_addr(head, mem));
+            .and_then(|()| answer_byte(&self.descriptors, head, mem));
         let ack_addr = match walked {
             Ok(a) => a,
             Err(e) => {
