@@ -157,14 +157,6 @@ fn tap_write(tap: &Tap, buf: &[u8]) -> bool {
     usize::try_from(n).is_ok_and(|n| n == buf.len())
 }
 
-/// Maps a virtio-drivers error.
-fn dev_err<'a>(
-    what: &'static str,
-    waiter: &'a CompletionWaiter,
-) -> impl Fn(virtio_drivers::Error) -> EndpointError + 'a {
-    EndpointError::device(what, waiter)
-}
-
 /// A used id the driver did not hand out, or handed out for nothing.
 fn bogus_id(queue: &'static str, id: u16) -> EndpointError {
     EndpointError::Device {
@@ -335,7 +327,7 @@ fn complete_transmits<const QS: usize>(
         let buf = tx_bufs.get(i).and_then(|b| b.get(..len)).unwrap_or(&[]);
         // SAFETY: the same buffer (and length) as passed to transmit_begin.
         unsafe { net.transmit_complete(token, buf) }
-            .map_err(dev_err("completing transmit", waiter))?;
+            .map_err(EndpointError::device("completing transmit", waiter))?;
         tx_free.push(i);
         any = true;
     }
@@ -359,7 +351,8 @@ fn run_sized<const QS: usize>(
     let mut tx_of_token: Vec<Option<(usize, usize)>> = vec![None; QS];
     let mut tx_free: Vec<usize> = (0..nbuf).rev().collect();
 
-    let mut net = OffloadNet::<QS>::new(transport).map_err(dev_err("virtio-net set-up", waiter))?;
+    let mut net = OffloadNet::<QS>::new(transport)
+        .map_err(EndpointError::device("virtio-net set-up", waiter))?;
     if let Some(f) = waiter.failure() {
         return Err(EndpointError::Device {
             what: "virtio-net set-up",
@@ -408,8 +401,8 @@ fn run_sized<const QS: usize>(
     for (i, buf) in rx_bufs.iter_mut().enumerate() {
         // SAFETY: `buf` is not touched again until receive_complete with
         // the same token, and outlives `net`.
-        let token =
-            unsafe { net.receive_begin(buf) }.map_err(dev_err("posting receive", waiter))?;
+        let token = unsafe { net.receive_begin(buf) }
+            .map_err(EndpointError::device("posting receive", waiter))?;
         let slot = rx_of_token
             .get_mut(usize::from(token))
             .ok_or(bogus_id("rx", token))?;
@@ -458,7 +451,7 @@ fn run_sized<const QS: usize>(
                 // Shorter than a header (IoError after the pop) or longer
                 // than the buffer: the buffer is ours again either way.
                 Ok(_) | Err(virtio_drivers::Error::IoError) => c.rx_malformed += 1,
-                Err(e) => return Err(dev_err("completing receive", waiter)(e)),
+                Err(e) => return Err(EndpointError::device("completing receive", waiter)(e)),
             }
             repost.push(i);
             progress = true;
@@ -466,8 +459,8 @@ fn run_sized<const QS: usize>(
         for i in repost.drain(..) {
             let buf = rx_bufs.get_mut(i).ok_or(bogus_id("rx", 0))?;
             // SAFETY: as for the first posting.
-            let token =
-                unsafe { net.receive_begin(buf) }.map_err(dev_err("posting receive", waiter))?;
+            let token = unsafe { net.receive_begin(buf) }
+                .map_err(EndpointError::device("posting receive", waiter))?;
             *rx_of_token
                 .get_mut(usize::from(token))
                 .ok_or(bogus_id("rx", token))? = Some(i);
@@ -507,8 +500,8 @@ fn run_sized<const QS: usize>(
             let was_idle = tx_free.len() + 1 == nbuf;
             // SAFETY: `buf[..n]` is not touched until transmit_complete with
             // the same token, and outlives `net`.
-            let token =
-                unsafe { net.transmit_begin(&buf[..n]) }.map_err(dev_err("transmit", waiter))?;
+            let token = unsafe { net.transmit_begin(&buf[..n]) }
+                .map_err(EndpointError::device("transmit", waiter))?;
             *tx_of_token
                 .get_mut(usize::from(token))
                 .ok_or(bogus_id("tx", token))? = Some((i, n));
