@@ -3,6 +3,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ringfence_msg_driver::CompletionWaiter;
@@ -27,7 +28,7 @@ struct RemoteDisk<'a> {
     disk: &'a mut Disk,
     waiter: &'a CompletionWaiter,
     sectors: u64,
-    stop: &'a Stop,
+    watchdog: Watchdog,
     /// Set when a request was abandoned (no answer in time, or a used id
     /// not in flight): the queue can no longer be trusted, so every later
     /// request fails at once instead of being matched to a stale completion.
@@ -143,9 +144,9 @@ impl BlockDevice for RemoteDisk<'_> {
         // by spinning on the used ring without a bound. A device that never
         // answers cannot be cancelled from here, so a watchdog stops the
         // frontend instead: every endpoint reports and the process ends.
-        let watchdog = Watchdog::arm(self.stop.clone(), REQUEST_TIMEOUT, "FLUSH");
+        self.watchdog.set(Some(Instant::now() + REQUEST_TIMEOUT));
         let r = self.disk.flush();
-        watchdog.disarm();
+        self.watchdog.set(None);
         r.map_err(|e| {
             tracing::warn!(error = %e, "flush failed");
             BlockError::Io
@@ -163,36 +164,35 @@ impl BlockDevice for RemoteDisk<'_> {
     }
 }
 
-/// Stops the frontend if not disarmed within a timeout.
+/// Stops the frontend when a FLUSH stays unanswered past its deadline. One
+/// thread per endpoint, armed and disarmed per FLUSH (no thread per request).
 struct Watchdog {
-    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Deadline of the FLUSH in flight, if any.
+    deadline: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Watchdog {
-    fn arm(stop: Stop, timeout: Duration, what: &'static str) -> Self {
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let watched = done.clone();
+    fn spawn(stop: Stop) -> Self {
+        let deadline: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let watched = deadline.clone();
         std::thread::spawn(move || {
-            let deadline = Instant::now() + timeout;
-            while Instant::now() < deadline {
-                if watched.load(Ordering::SeqCst) {
-                    return;
+            while !stop.stopped() {
+                std::thread::sleep(WAIT_SLICE);
+                let due = *watched.lock().unwrap_or_else(|p| p.into_inner());
+                if due.is_some_and(|d| Instant::now() >= d) {
+                    tracing::error!(
+                        "the disk did not answer FLUSH within {REQUEST_TIMEOUT:?}: stopping"
+                    );
+                    eprintln!("ringfence: blk: no answer to FLUSH within {REQUEST_TIMEOUT:?}; stopping the frontend");
+                    stop.stop();
                 }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if !watched.load(Ordering::SeqCst) {
-                tracing::error!("the disk did not answer {what} within {timeout:?}: stopping");
-                eprintln!(
-                    "ringfence: blk: no answer to {what} within {timeout:?}; stopping the frontend"
-                );
-                stop.stop();
             }
         });
-        Self { done }
+        Self { deadline }
     }
 
-    fn disarm(self) {
-        self.done.store(true, Ordering::SeqCst);
+    fn set(&self, deadline: Option<Instant>) {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
     }
 }
 
@@ -234,7 +234,7 @@ pub fn run(link: DeviceLink, args: &EndpointArgs, stop: &Stop) -> Result<Report,
         disk: &mut disk,
         waiter: &waiter,
         sectors,
-        stop,
+        watchdog: Watchdog::spawn(stop.clone()),
         dead: false,
     };
     while !stop.stopped() {
