@@ -9,17 +9,17 @@
 mod sys;
 pub mod wire;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ringfence_bus::{
     AreaId, BusError, BusLimits, DeviceBus, DeviceBusEvent, Doorbell, DoorbellDirection, DriverBus,
-    LocalArea, SharedArea,
+    LocalArea, PrivateMemory, SharedArea, GRANT_PAGE,
 };
 use ringfence_virtio_msg::consts::{ABSOLUTE_MAX_MSG_SIZE, MIN_USABLE_MSG_SIZE};
 use vm_memory::{FileOffset, MmapRegion};
@@ -60,6 +60,9 @@ impl Default for LocalBusConfig {
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest sleep of a control request between checks for a response that
+/// another thread read off the socket.
+const CONTROL_SLICE: Duration = Duration::from_millis(1);
 const DRIVER_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn limits(max_msg_size: usize, doorbells: bool) -> BusLimits {
@@ -121,7 +124,13 @@ impl LocalDeviceBus {
             .send_bounded(buf.get(..n).unwrap_or(&[]), self.cfg.send_timeout)
     }
 
-    fn map_area(&self, id: AreaId, size: u64, file: File) -> Result<SharedArea, String> {
+    fn map_area(
+        &self,
+        id: AreaId,
+        size: u64,
+        offset: u64,
+        file: File,
+    ) -> Result<SharedArea, String> {
         if id == 0 {
             return Err("area id 0 is reserved".into());
         }
@@ -138,9 +147,21 @@ impl LocalDeviceBus {
         if areas.len() >= self.cfg.max_areas {
             return Err(format!("more than {} areas", self.cfg.max_areas));
         }
-        sys::check_sealed_memfd(&file, size)?;
-        let mapping = MmapRegion::from_file(FileOffset::new(file, 0), size as usize)
-            .map_err(|e| format!("mmap of area {id} failed: {e}"))?;
+        // A grant is a page range of a memfd; only that range is mapped.
+        let end = offset
+            .checked_add(size)
+            .filter(|_| offset.is_multiple_of(4096))
+            .ok_or_else(|| format!("area {id}: offset {offset:#x} not a page in range"))?;
+        sys::check_sealed_memfd(&file, end)?;
+        // Populated at once, as a hypervisor fills stage-2 tables when it
+        // maps a grant: one call instead of a fault per page on first use.
+        let mapping = MmapRegion::build(
+            Some(FileOffset::new(file, offset)),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE | libc::MAP_POPULATE,
+        )
+        .map_err(|e| format!("mmap of area {id} failed: {e}"))?;
         areas.push(id);
         Ok(SharedArea {
             id,
@@ -181,7 +202,7 @@ impl LocalDeviceBus {
                 tracing::info!(max_msg_size = max, doorbells, "bus handshake");
                 DeviceBusEvent::Handled
             }
-            LocalMsg::AreaShare { id, size } => {
+            LocalMsg::AreaShare { id, size, offset } => {
                 let Some(file) = files.next() else {
                     self.reply(&LocalMsg::AreaShareResult {
                         id,
@@ -191,10 +212,10 @@ impl LocalDeviceBus {
                         reason: format!("AREA_SHARE {id} without a descriptor"),
                     });
                 };
-                match self.map_area(id, size, file) {
+                match self.map_area(id, size, offset, file) {
                     Ok(area) => {
                         // Answered by `complete_share` once the area is in the device memory.
-                        tracing::info!(area = id, size, "area shared");
+                        tracing::debug!(area = id, size, offset, "area shared");
                         DeviceBusEvent::AreaShared(area)
                     }
                     Err(reason) => {
@@ -341,9 +362,13 @@ impl DeviceBus for LocalDeviceBus {
 pub struct LocalDriverBus {
     sock: Seqpacket,
     limits: BusLimits,
-    next_area: AtomicU16,
+    // Area ids in use: ids are 16 bits and grants come and go per request,
+    // so a freed id is used again (lowest first).
+    area_ids: Mutex<BTreeSet<AreaId>>,
     // Messages that arrived while waiting for a bus-specific response.
     stash: Mutex<VecDeque<Vec<u8>>>,
+    // Control responses that a `recv` in another thread read off the socket.
+    replies: Mutex<VecDeque<LocalMsg>>,
     control: Mutex<()>,
 }
 
@@ -360,8 +385,9 @@ impl LocalDriverBus {
         let bus = Self {
             sock,
             limits: limits(cfg.max_msg_size, cfg.doorbells),
-            next_area: AtomicU16::new(1),
+            area_ids: Mutex::new(BTreeSet::new()),
             stash: Mutex::new(VecDeque::new()),
+            replies: Mutex::new(VecDeque::new()),
             control: Mutex::new(()),
         };
         let reply = bus.control(
@@ -398,6 +424,44 @@ impl LocalDriverBus {
         })
     }
 
+    /// The lowest area id not in use.
+    fn take_area_id(&self) -> Result<AreaId, BusError> {
+        let mut ids = self.area_ids.lock().unwrap_or_else(|p| p.into_inner());
+        // Ids in use are ascending from 1: the first gap is free.
+        let id = (1..=AreaId::MAX)
+            .zip(ids.iter().copied().chain(std::iter::repeat(0)))
+            .find(|&(want, have)| want != have)
+            .map(|(want, _)| want)
+            .ok_or(BusError::Protocol {
+                reason: "every area id is in use".into(),
+            })?;
+        ids.insert(id);
+        Ok(id)
+    }
+
+    fn release_area_id(&self, id: AreaId) {
+        self.area_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// AREA_SHARE of `size` bytes of `file` from `offset`, as area `id`.
+    fn send_area(&self, id: AreaId, file: &File, offset: u64, size: u64) -> Result<(), BusError> {
+        let reply = self.control(&LocalMsg::AreaShare { id, size, offset }, Some(file))?;
+        if reply
+            != (LocalMsg::AreaShareResult {
+                id,
+                status: wire::STATUS_OK,
+            })
+        {
+            return Err(BusError::Protocol {
+                reason: format!("device side refused area {id}: {reply:?}"),
+            });
+        }
+        Ok(())
+    }
+
     /// Sends a bus-specific request and waits for its response, stashing
     /// anything else that arrives meanwhile.
     fn control(&self, msg: &LocalMsg, fd: Option<&dyn AsRawFd>) -> Result<LocalMsg, BusError> {
@@ -409,11 +473,29 @@ impl LocalDriverBus {
         if msg.is_event() {
             return Ok(LocalMsg::None);
         }
+        let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
         loop {
-            if !self.sock.wait_readable(Some(HANDSHAKE_TIMEOUT))? {
+            {
+                let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(at) = replies.iter().position(|r| r.answers(msg)) {
+                    if let Some(reply) = replies.remove(at) {
+                        return Ok(reply);
+                    }
+                }
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
                 return Err(BusError::Timeout(HANDSHAKE_TIMEOUT));
             }
-            let (n, _files) = self.sock.recv(&mut buf)?;
+            // Short slices: a thread in `recv` may take our response off the
+            // socket and leave it in `replies`.
+            if !self.sock.wait_readable(Some(left.min(CONTROL_SLICE)))? {
+                continue;
+            }
+            let (n, _files) = match self.sock.recv_nowait(&mut buf)? {
+                Some(got) => got,
+                None => continue,
+            };
             let bytes = buf.get(..n.min(buf.len())).unwrap_or(&[]);
             match wire::classify(bytes) {
                 Ok(Some(reply)) if reply.answers(msg) => return Ok(reply),
@@ -466,8 +548,20 @@ impl DriverBus for LocalDriverBus {
                 return Ok(None);
             }
             // Descriptors from the device side are never wanted here: dropped, closed.
-            let (n, _files) = self.sock.recv(buf)?;
+            let Some((n, _files)) = self.sock.recv_nowait(buf)? else {
+                continue; // a control request in another thread took it
+            };
             if n <= buf.len() {
+                // A response to another thread's control request goes to it.
+                if let Ok(Some(reply)) = wire::classify(buf.get(..n).unwrap_or(&[])) {
+                    if reply.is_control_response() {
+                        self.replies
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push_back(reply);
+                        continue;
+                    }
+                }
                 return Ok(Some(n));
             }
             // Larger than negotiated: dropped whole, never cut down.
@@ -479,25 +573,14 @@ impl DriverBus for LocalDriverBus {
     }
 
     fn share_area(&self, size: usize) -> Result<LocalArea, BusError> {
-        let id = self.next_area.fetch_add(1, Ordering::Relaxed);
+        let id = self.take_area_id()?;
         let file = sys::sealed_memfd(&format!("ringfence-area-{id}"), size)
-            .map_err(|e| BusError::io("memfd_create", e))?;
-        let reply = self.control(
-            &LocalMsg::AreaShare {
-                id,
-                size: size as u64,
-            },
-            Some(&file),
-        )?;
-        if reply
-            != (LocalMsg::AreaShareResult {
-                id,
-                status: wire::STATUS_OK,
-            })
-        {
-            return Err(BusError::Protocol {
-                reason: format!("device side refused area {id}: {reply:?}"),
-            });
+            .map_err(|e| BusError::io("memfd_create", e))
+            .inspect_err(|_| self.release_area_id(id))?;
+        let shared = self.send_area(id, &file, 0, size as u64);
+        if let Err(e) = shared {
+            self.release_area_id(id);
+            return Err(e);
         }
         let mapping = MmapRegion::from_file(FileOffset::new(file, 0), size).map_err(|e| {
             BusError::Protocol {
@@ -515,11 +598,58 @@ impl DriverBus for LocalDriverBus {
             LocalMsg::AreaUnshareResult {
                 status: wire::STATUS_OK,
                 ..
-            } => Ok(()),
+            } => {
+                self.release_area_id(id);
+                Ok(())
+            }
             other => Err(BusError::Protocol {
                 reason: format!("unshare of area {id} refused: {other:?}"),
             }),
         }
+    }
+
+    fn alloc_private(&self, size: usize) -> Result<PrivateMemory, BusError> {
+        // One memfd per allocation: a grant passes the descriptor, so what
+        // the device side could ever reach is this allocation, never the
+        // rest of the frontend's memory.
+        let file = sys::sealed_memfd("ringfence-private", size)
+            .map_err(|e| BusError::io("memfd_create", e))?;
+        let mapping = MmapRegion::from_file(FileOffset::new(file, 0), size).map_err(|e| {
+            BusError::Protocol {
+                reason: format!("mmap of private memory failed: {e}"),
+            }
+        })?;
+        Ok(PrivateMemory {
+            mapping: Arc::new(mapping),
+        })
+    }
+
+    fn grant(&self, memory: &PrivateMemory, offset: u64, len: u64) -> Result<AreaId, BusError> {
+        let in_range = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= memory.mapping.size() as u64);
+        if len == 0
+            || !offset.is_multiple_of(GRANT_PAGE)
+            || !len.is_multiple_of(GRANT_PAGE)
+            || !in_range
+        {
+            return Err(BusError::Protocol {
+                reason: format!(
+                    "grant of {len:#x} bytes at {offset:#x}: not whole pages of the memory"
+                ),
+            });
+        }
+        let file = memory
+            .mapping
+            .file_offset()
+            .ok_or(BusError::Unsupported {
+                op: "grant of memory not from alloc_private",
+            })?
+            .file();
+        let id = self.take_area_id()?;
+        self.send_area(id, file, offset, len)
+            .inspect_err(|_| self.release_area_id(id))?;
+        Ok(id)
     }
 
     fn doorbell(

@@ -141,6 +141,24 @@ impl Seqpacket {
     /// beyond that is discarded by the kernel (MSG_CTRUNC) without being
     /// installed.
     pub fn recv(&self, buf: &mut [u8]) -> Result<(usize, Vec<File>), BusError> {
+        loop {
+            if let Some(got) = self.recv_with(buf, 0)? {
+                return Ok(got);
+            }
+        }
+    }
+
+    /// Like [`Seqpacket::recv`], but `None` at once when no message is
+    /// waiting (another thread may have taken the one poll reported).
+    pub fn recv_nowait(&self, buf: &mut [u8]) -> Result<Option<(usize, Vec<File>)>, BusError> {
+        self.recv_with(buf, libc::MSG_DONTWAIT)
+    }
+
+    fn recv_with(
+        &self,
+        buf: &mut [u8],
+        flags: libc::c_int,
+    ) -> Result<Option<(usize, Vec<File>)>, BusError> {
         let mut spare = [0u8; 1];
         let mut iovecs = [
             libc::iovec {
@@ -163,13 +181,16 @@ impl Seqpacket {
         let n = loop {
             // SAFETY: msg points at iovecs and a control buffer that live
             // for the duration of the call and are exclusively borrowed.
-            let n = unsafe { libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+            let n = unsafe {
+                libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags)
+            };
             if n >= 0 {
                 break n as usize;
             }
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Ok(None),
                 Some(libc::ECONNRESET) => return Err(BusError::Disconnected),
                 _ => return Err(BusError::io("recvmsg", e)),
             }
@@ -203,7 +224,7 @@ impl Seqpacket {
         if n == 0 && files.is_empty() {
             return Err(BusError::Disconnected);
         }
-        Ok((n, files))
+        Ok(Some((n, files)))
     }
 
     /// Sends one message, waiting at most `timeout` for room in the socket

@@ -28,7 +28,7 @@ pub const STATUS_OK: u32 = 0;
 /// Area operation refused.
 pub const STATUS_REJECTED: u32 = 1;
 /// Largest local payload.
-pub const MAX_PAYLOAD: usize = 16;
+pub const MAX_PAYLOAD: usize = 24;
 
 /// A decoded local-bus message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,12 +51,15 @@ pub enum LocalMsg {
         /// Negotiated feature bits.
         features: u32,
     },
-    /// Share an area (memfd attached).
+    /// Share an area (memfd attached): `size` bytes of the memfd from
+    /// `offset` (0 for a whole window; a page range for a grant).
     AreaShare {
         /// Its id.
         id: AreaId,
         /// Its size in bytes.
         size: u64,
+        /// Where it starts in the memfd.
+        offset: u64,
     },
     /// Revoke an area.
     AreaUnshare {
@@ -134,10 +137,11 @@ impl LocalMsg {
                 put(8, &features.to_le_bytes());
                 (VERSION, matches!(self, LocalMsg::VersionResult { .. }), 12)
             }
-            LocalMsg::AreaShare { id, size } => {
+            LocalMsg::AreaShare { id, size, offset } => {
                 put(0, &id.to_le_bytes());
                 put(8, &size.to_le_bytes());
-                (AREA_SHARE, false, 16)
+                put(16, &offset.to_le_bytes());
+                (AREA_SHARE, false, 24)
             }
             LocalMsg::AreaUnshare { id } => {
                 put(0, &id.to_le_bytes());
@@ -188,6 +192,16 @@ impl LocalMsg {
         }
         .encode(buf)
         .map_err(|e| WireError(e.to_string()))
+    }
+
+    /// True for the responses a driver-side control request waits for.
+    pub fn is_control_response(&self) -> bool {
+        matches!(
+            self,
+            LocalMsg::VersionResult { .. }
+                | LocalMsg::AreaShareResult { .. }
+                | LocalMsg::AreaUnshareResult { .. }
+        )
     }
 
     /// True for messages that get no response.
@@ -258,10 +272,11 @@ pub fn classify(bytes: &[u8]) -> Result<Option<LocalMsg>, WireError> {
             }
         }
         (AREA_SHARE, false) => {
-            need(16)?;
+            need(24)?;
             LocalMsg::AreaShare {
                 id: le16(p, 0),
                 size: le64(p, 8),
+                offset: le64(p, 16),
             }
         }
         (AREA_UNSHARE, false) => {

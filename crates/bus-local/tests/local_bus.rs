@@ -6,7 +6,11 @@ use ringfence_bus::{DeviceBus, DeviceBusEvent, DriverBus};
 use ringfence_bus_local::{wire, LocalBusConfig, LocalDeviceBus, LocalDriverBus, Seqpacket};
 
 fn share_msg(id: u16, size: u64) -> Vec<u8> {
-    local(&wire::LocalMsg::AreaShare { id, size })
+    local(&wire::LocalMsg::AreaShare {
+        id,
+        size,
+        offset: 0,
+    })
 }
 
 fn next_event(dev: &LocalDeviceBus) -> DeviceBusEvent {

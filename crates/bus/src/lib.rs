@@ -82,6 +82,12 @@ pub enum BusError {
         /// What was wrong.
         reason: String,
     },
+    /// The bus cannot do this (no grants on this hypervisor, say).
+    #[error("{op} is not supported by this bus")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
+    },
     /// A system call failed.
     #[error("{op} failed")]
     Io {
@@ -188,6 +194,27 @@ pub struct LocalArea {
     pub mapping: Arc<MmapRegion>,
 }
 
+/// Frontend memory that stays private until part of it is granted with
+/// [`DriverBus::grant`]. How it is made grantable is the bus's business (a
+/// memfd of its own on the local bus, guest pages on a hypervisor); the
+/// device side cannot reach any of it until then.
+#[derive(Clone)]
+pub struct PrivateMemory {
+    /// The mapping in this process.
+    pub mapping: Arc<MmapRegion>,
+}
+
+impl std::fmt::Debug for PrivateMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrivateMemory")
+            .field("size", &self.mapping.size())
+            .finish()
+    }
+}
+
+/// Page granularity of grants: a grant covers whole pages.
+pub const GRANT_PAGE: u64 = 4096;
+
 /// The driver side of a bus (the frontend VM).
 pub trait DriverBus: Send + Sync {
     /// What this bus can do.
@@ -198,8 +225,24 @@ pub trait DriverBus: Send + Sync {
     fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> Result<Option<usize>, BusError>;
     /// Shares a new zeroed area of `size` bytes with the device side.
     fn share_area(&self, size: usize) -> Result<LocalArea, BusError>;
-    /// Revokes an area.
+    /// Revokes an area or a grant. Returns once the device side no longer
+    /// reaches it.
     fn unshare_area(&self, id: AreaId) -> Result<(), BusError>;
+    /// Allocates `size` bytes of private memory that can later be granted
+    /// piecewise (for buses with `limits().can_grant`).
+    fn alloc_private(&self, size: usize) -> Result<PrivateMemory, BusError> {
+        let _ = size;
+        Err(BusError::Unsupported {
+            op: "alloc_private",
+        })
+    }
+    /// Grants the device side the pages `offset..offset + len` of `memory`
+    /// (both multiples of [`GRANT_PAGE`]) as a new area, until
+    /// [`DriverBus::unshare_area`]. Returns once the device side can reach them.
+    fn grant(&self, memory: &PrivateMemory, offset: u64, len: u64) -> Result<AreaId, BusError> {
+        let _ = (memory, offset, len);
+        Err(BusError::Unsupported { op: "grant" })
+    }
     /// Creates a doorbell for `queue` of device `dev_num`, if the bus has doorbells.
     fn doorbell(
         &self,

@@ -228,17 +228,22 @@ impl WorkerCtx {
             // and catching it here saves a sleep and a wakeup on both sides.
             // A starved queue has buffers already: polling the avail ring
             // would spin until its source has data.
-            pending = !starved && self.poll_for_work(&mem);
+            // The batch's view of memory goes before polling: a revocation
+            // (a grant ending) waits for every view that holds the area.
+            drop(mem);
+            pending = !starved && self.poll_for_work();
         }
     }
 
-    fn poll_for_work(&self, mem: &DeviceMemory) -> bool {
+    fn poll_for_work(&self) -> bool {
         if self.poll.is_zero() {
             return false;
         }
         let deadline = Instant::now() + self.poll;
         loop {
-            match self.queue.avail_idx(mem, Ordering::Acquire) {
+            // A fresh view per look, held only for the look.
+            let mem = self.memory.memory();
+            match self.queue.avail_idx(&*mem, Ordering::Acquire) {
                 Ok(idx) if idx.0 != self.queue.next_avail() => return true,
                 Ok(_) => {}
                 Err(_) => return true, // let process_queue report it

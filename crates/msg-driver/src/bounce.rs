@@ -154,6 +154,16 @@ impl BouncePool {
         self.area.id
     }
 
+    /// The window's mapping (the shared models carve buffers out of it).
+    pub(crate) fn mapping_arc(&self) -> Arc<MmapRegion> {
+        self.area.mapping.clone()
+    }
+
+    /// The window's first byte in this process.
+    pub(crate) fn mapping_ptr(&self) -> *mut u8 {
+        self.area.mapping.as_ptr()
+    }
+
     /// Bytes currently allocated.
     pub fn in_use(&self) -> usize {
         self.lock().in_use * SLOT_SIZE
@@ -240,6 +250,16 @@ impl BouncePool {
             // CVE-2022-0854 class).
             zero(&w);
         }
+        self.stats.maps.fetch_add(1, Ordering::Relaxed);
+        Ok(addr)
+    }
+
+    /// Reserves slots for `len` bytes that the device will write, without
+    /// zeroing them: for callers that copy them out only after the device
+    /// reported success (see [`crate::Bounce`]); [`BouncePool::map`] zeroes
+    /// because `virtio-drivers`' `Hal` copies back whatever the outcome.
+    pub fn map_for_device_write(&self, len: usize) -> Result<u64, BounceError> {
+        let (addr, _) = self.take_run(len.div_ceil(SLOT_SIZE).max(1), 1)?;
         self.stats.maps.fetch_add(1, Ordering::Relaxed);
         Ok(addr)
     }

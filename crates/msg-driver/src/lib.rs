@@ -7,6 +7,7 @@
 //! through it.
 
 pub mod bounce;
+pub mod models;
 pub mod mux;
 
 use std::cell::{Cell, RefCell};
@@ -21,6 +22,7 @@ use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 pub use bounce::{BounceError, BouncePool, BounceStats};
+pub use models::{Adaptive, Bounce, Grant, InShared, IoBuf, Mapped, MemoryModel, ModelError};
 pub use mux::{BusMux, MuxOptions, MuxStats};
 
 /// How long to wait for a response before declaring the device gone.

@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ringfence_bus::{
-    AreaId, BusError, BusLimits, Doorbell, DoorbellDirection, DriverBus, LocalArea,
+    AreaId, BusError, BusLimits, Doorbell, DoorbellDirection, DriverBus, LocalArea, PrivateMemory,
 };
 use ringfence_virtio_msg::consts::{ABSOLUTE_MAX_MSG_SIZE, HEADER_SIZE};
 use ringfence_virtio_msg::decode;
@@ -92,6 +92,7 @@ fn replicate(e: &BusError) -> BusError {
         BusError::Protocol { reason } => BusError::Protocol {
             reason: reason.clone(),
         },
+        BusError::Unsupported { op } => BusError::Unsupported { op },
         BusError::Io { op, source } => BusError::Io {
             op,
             source: std::io::Error::new(source.kind(), source.to_string()),
@@ -357,6 +358,14 @@ impl DriverBus for MuxView {
 
     fn unshare_area(&self, id: AreaId) -> Result<(), BusError> {
         self.mux.bus.unshare_area(id)
+    }
+
+    fn alloc_private(&self, size: usize) -> Result<PrivateMemory, BusError> {
+        self.mux.bus.alloc_private(size)
+    }
+
+    fn grant(&self, memory: &PrivateMemory, offset: u64, len: u64) -> Result<AreaId, BusError> {
+        self.mux.bus.grant(memory, offset, len)
     }
 
     fn doorbell(

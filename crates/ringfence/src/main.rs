@@ -2,13 +2,17 @@
 
 mod backend;
 mod bench;
+mod bench_blk;
 mod bench_net;
+mod bench_report;
+mod bench_vhost;
 mod bench_vsock;
 mod demo;
 mod devices;
 mod endpoints;
 mod frontend;
 mod vhost;
+mod vhost_frontend;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};

@@ -173,8 +173,16 @@ fn memfd(size: u64, seals: i32) -> std::fs::File {
 const SEALED: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
 
 fn share(c: &Seqpacket, id: u16, size: u64, fds: &[i32]) -> u32 {
-    c.send(&local_msg(&wire::LocalMsg::AreaShare { id, size }), fds)
-        .unwrap();
+    share_at(c, id, size, 0, fds)
+}
+
+/// AREA_SHARE of `size` bytes from `offset` of the memfd (a grant).
+fn share_at(c: &Seqpacket, id: u16, size: u64, offset: u64, fds: &[i32]) -> u32 {
+    c.send(
+        &local_msg(&wire::LocalMsg::AreaShare { id, size, offset }),
+        fds,
+    )
+    .unwrap();
     let mut buf = [0u8; 64];
     assert!(c.wait_readable(Some(Duration::from_secs(5))).unwrap());
     c.recv(&mut buf).unwrap();
@@ -722,6 +730,37 @@ const CASES: &[Case] = &[
         moves: &[("bus_dropped", 1)],
     },
     Case {
+        name: "AREA_SHARE (grant) at an offset inside a page",
+        prep: Prep::Connected,
+        attack: |c| {
+            share_at(c, 2, 4096, 100, &[memfd(16384, SEALED).as_raw_fd()]) == wire::STATUS_REJECTED
+        },
+        moves: &[("bus_dropped", 1)],
+    },
+    Case {
+        name: "AREA_SHARE (grant) of pages beyond its memfd",
+        prep: Prep::Connected,
+        attack: |c| {
+            share_at(c, 2, 8192, 12288, &[memfd(16384, SEALED).as_raw_fd()])
+                == wire::STATUS_REJECTED
+        },
+        moves: &[("bus_dropped", 1)],
+    },
+    Case {
+        name: "AREA_SHARE (grant) whose end overflows",
+        prep: Prep::Connected,
+        attack: |c| {
+            share_at(
+                c,
+                2,
+                4096,
+                u64::MAX - 4095,
+                &[memfd(16384, SEALED).as_raw_fd()],
+            ) == wire::STATUS_REJECTED
+        },
+        moves: &[("bus_dropped", 1)],
+    },
+    Case {
         name: "AREA_SHARE of area 0",
         prep: Prep::Connected,
         attack: |c| share(c, 0, 4096, &[memfd(4096, SEALED).as_raw_fd()]) == wire::STATUS_REJECTED,
@@ -745,7 +784,11 @@ const CASES: &[Case] = &[
         attack: |c| {
             let (a, b) = (memfd(4096, SEALED), memfd(4096, SEALED));
             c.send(
-                &local_msg(&wire::LocalMsg::AreaShare { id: 4, size: 4096 }),
+                &local_msg(&wire::LocalMsg::AreaShare {
+                    id: 4,
+                    size: 4096,
+                    offset: 0,
+                }),
                 &[a.as_raw_fd(), b.as_raw_fd()],
             )
             .unwrap();

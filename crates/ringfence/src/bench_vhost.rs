@@ -1,0 +1,318 @@
+//! `ringfence bench vhost-user`: any vhost-user-blk backends, driven from
+//! this process by the same virtio-blk driver (no guest, no TCG), compared in
+//! one run with interleaved rounds on 4 KiB QD1 latency, 4 KiB QD32 IOPS and
+//! 128 KiB sequential throughput.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ringfence_virtqueue::{BlkDriver, DmaRegion};
+
+use crate::bench_blk::{
+    drive, percentile_us, wait_used, CellResult, CellSpec, Lender, Rng, MAX_SLOTS, SECTOR,
+};
+use crate::vhost_frontend::{GuestRam, VhostTransport, GPA};
+use crate::TempDir;
+
+/// Options of `ringfence bench vhost-user`.
+#[derive(Debug, clap::Args)]
+pub struct VhostBenchArgs {
+    /// A backend's command line, run by `sh -c`; `{socket}` and `{image}`
+    /// are replaced. Repeat for each backend; the first is the baseline of
+    /// the ratios. Default: `ringfence vhost-user blk` and
+    /// qemu-storage-daemon (iothread, io_uring, page cache).
+    #[arg(long = "backend")]
+    backends: Vec<String>,
+    /// Image size in MiB (kept in the page cache).
+    #[arg(long, default_value_t = 256)]
+    image_mib: u64,
+    /// Rounds; every backend runs every row once per round.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Time per row per backend per round, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    cell_ms: u64,
+}
+
+const QSD: &str = "qemu-storage-daemon \
+    --blockdev driver=file,node-name=file0,filename={image},aio=io_uring,cache.direct=off \
+    --blockdev driver=raw,node-name=disk0,file=file0 \
+    --object iothread,id=iothread0 \
+    --export type=vhost-user-blk,id=export0,addr.type=unix,addr.path={socket},node-name=disk0,writable=on,iothread=iothread0";
+
+/// The rows: (name, request size, depth, sequential).
+const ROWS: [(&str, usize, usize, bool); 3] = [
+    ("4 KiB random read QD1", 4096, 1, false),
+    ("4 KiB random read QD32", 4096, 32, false),
+    ("128 KiB sequential read QD8", 128 << 10, 8, true),
+];
+
+const RAM: usize = 64 << 20;
+const QUEUE: u16 = 256;
+/// Guest RAM offset of the data buffers (after the driver's region).
+const DATA: u64 = 1 << 20;
+
+struct Peer {
+    name: String,
+    child: Child,
+    driver: BlkDriver<VhostTransport>,
+    _ram: GuestRam,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Buffers at fixed places in guest RAM: vhost-user shares all of it.
+struct RamLender {
+    len: usize,
+}
+
+impl Lender for RamLender {
+    fn lend(&mut self, i: usize, _len: usize, _write: bool, _sector: u64) -> Option<u64> {
+        Some(GPA + DATA + (i * self.len) as u64)
+    }
+    fn give_back(&mut self, _: usize, _: usize, _: bool, _: u64, _: bool) -> bool {
+        true
+    }
+}
+
+fn start(
+    cmd: &str,
+    name: String,
+    socket: &std::path::Path,
+    image: &std::path::Path,
+) -> Result<Peer, Box<dyn std::error::Error>> {
+    let line = cmd
+        .replace("{socket}", &socket.display().to_string())
+        .replace("{image}", &image.display().to_string());
+    let child = Command::new("sh")
+        .args(["-c", &format!("exec {line}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let mut child = ChildGuard(Some(child));
+    let ram = GuestRam::new(RAM)?;
+    let transport = VhostTransport::connect(socket, &ram)?;
+    let len = BlkDriver::<VhostTransport>::region_size(QUEUE);
+    let region = DmaRegion {
+        vaddr: std::ptr::NonNull::new(ram.host_ptr(GPA).ok_or("no RAM")?).ok_or("null RAM")?,
+        paddr: GPA,
+        len,
+    };
+    // SAFETY: the first MiB of guest RAM (zeroed memfd) holds only the
+    // driver's region; `ram` lives in the same Peer as the driver and is
+    // dropped after it (field order).
+    let driver = unsafe { BlkDriver::new(transport, region, QUEUE, true) }
+        .map_err(|e| format!("{name}: driver set-up failed: {e}"))?;
+    let pid = child.0.take().ok_or("no child")?;
+    Ok(Peer {
+        name,
+        child: pid,
+        driver,
+        _ram: ram,
+    })
+}
+
+/// Kills the child unless taken.
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn run_row(peer: &mut Peer, row: usize, duration: Duration, span: u64, seed: u64) -> CellResult {
+    let Some(&(_, len, qd, seq)) = ROWS.get(row) else {
+        return CellResult::default();
+    };
+    let slots = (span / len as u64).max(1);
+    let mut rng = Rng::new(seed);
+    let mut at = |i: u64| {
+        let n = if seq { i % slots } else { rng.next() % slots };
+        n * (len as u64 / SECTOR)
+    };
+    let spec = CellSpec {
+        len,
+        qd: qd.min(MAX_SLOTS),
+        write: false,
+        duration,
+        count: None,
+    };
+    let pid = peer.child.id();
+    let mut wait = |d: &mut BlkDriver<VhostTransport>| {
+        wait_used(d, Duration::ZERO, false, |d, t| d.transport().wait(t))
+    };
+    drive(
+        &mut peer.driver,
+        &mut wait,
+        &mut RamLender { len },
+        &spec,
+        &mut at,
+        pid,
+    )
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+pub fn run(args: VhostBenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    let exe = std::env::current_exe()?;
+    let backends = if args.backends.is_empty() {
+        vec![
+            format!(
+                "{} vhost-user --once --socket-path {{socket}} blk --image {{image}}",
+                exe.display()
+            ),
+            QSD.to_string(),
+        ]
+    } else {
+        args.backends.clone()
+    };
+    let dir = TempDir::new("bench-vhost")?;
+    let image = dir.0.join("bench.img");
+    let image_mib = args.image_mib.max(8);
+    {
+        let f = File::create(&image)?;
+        let chunk = vec![0xA5u8; 1 << 20];
+        for i in 0..image_mib {
+            f.write_all_at(&chunk, i << 20)?;
+        }
+        f.sync_all()?;
+    }
+    let span = image_mib << 20;
+    let mut peers = Vec::new();
+    for (i, cmd) in backends.iter().enumerate() {
+        let name = cmd
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.rsplit('/').next())
+            .unwrap_or("backend")
+            .to_string();
+        let name = if backends
+            .iter()
+            .take(i)
+            .any(|c| c.split_whitespace().next() == cmd.split_whitespace().next())
+        {
+            format!("{name}#{i}")
+        } else {
+            name
+        };
+        let socket = dir.0.join(format!("peer{i}.sock"));
+        peers.push(start(cmd, name, &socket, &image)?);
+    }
+    let duration = Duration::from_millis(args.cell_ms.max(50));
+    // results[row][peer][round]
+    let mut results: Vec<Vec<Vec<CellResult>>> = vec![vec![Vec::new(); peers.len()]; ROWS.len()];
+    // Warm both paths once.
+    for peer in &mut peers {
+        for row in 0..ROWS.len() {
+            let _ = run_row(peer, row, Duration::from_millis(100), span, 1);
+        }
+    }
+    for round in 0..args.rounds.max(1) {
+        for (row, per_peer) in results.iter_mut().enumerate() {
+            for (p, peer) in peers.iter_mut().enumerate() {
+                let r = run_row(peer, row, duration, span, round as u64 + 11);
+                if let Some(v) = per_peer.get_mut(p) {
+                    v.push(r);
+                }
+            }
+        }
+    }
+    let mut ok = true;
+    println!(
+        "vhost-user-blk backends, one in-process frontend, {} rounds × {} ms per row (image {image_mib} MiB in the page cache)",
+        args.rounds.max(1),
+        args.cell_ms
+    );
+    let base = peers.first().map(|p| p.name.clone()).unwrap_or_default();
+    let mut json = String::from("{\"rows\":[");
+    for (row, per_peer) in results.iter().enumerate() {
+        let (label, _, qd, _) = ROWS[row];
+        println!("{label}");
+        for (p, rounds) in per_peer.iter().enumerate() {
+            let errors: u64 = rounds.iter().map(|r| r.errors + r.stalls).sum();
+            ok &= errors == 0;
+            let lat: Vec<u64> = rounds
+                .iter()
+                .flat_map(|r| r.latencies_ns.iter().copied())
+                .collect();
+            let iops = median(rounds.iter().map(CellResult::iops).collect());
+            let mib = median(rounds.iter().map(CellResult::mib_s).collect());
+            let cpu = median(
+                rounds
+                    .iter()
+                    .map(|r| {
+                        let (f, b) = r.cpu_us_per_request();
+                        f + b
+                    })
+                    .collect(),
+            );
+            // Ratio of the baseline to this peer, per round: > 1 means the baseline is better.
+            let ratio = |f: &dyn Fn(&CellResult) -> f64, higher_better: bool| {
+                let base_rounds = per_peer.first()?;
+                Some(median(
+                    base_rounds
+                        .iter()
+                        .zip(rounds)
+                        .map(|(b, o)| {
+                            if higher_better {
+                                f(b) / f(o)
+                            } else {
+                                f(o) / f(b)
+                            }
+                        })
+                        .collect(),
+                ))
+            };
+            let metric: (&str, f64, Option<f64>) = if qd == 1 {
+                (
+                    "p50",
+                    percentile_us(&lat, 0.5),
+                    ratio(&|r| r.percentile_us(0.5), false),
+                )
+            } else if row == 1 {
+                ("IOPS", iops, ratio(&|r| r.iops(), true))
+            } else {
+                ("MiB/s", mib, ratio(&|r| r.mib_s(), true))
+            };
+            let name = &peers[p].name;
+            let vs = if p == 0 {
+                String::new()
+            } else {
+                format!("  {base} ÷ {name}: {:.2}", metric.2.unwrap_or(f64::NAN))
+            };
+            println!(
+                "  {name:<22} {:>8.0} IOPS {:>8.1} MiB/s  p50 {:>7.1} µs  p99 {:>7.1} µs  CPU {:>6.1} µs/req  errors {errors}{vs}",
+                iops,
+                mib,
+                percentile_us(&lat, 0.5),
+                percentile_us(&lat, 0.99),
+                cpu
+            );
+            json.push_str(&format!(
+                "{}{{\"row\":{label:?},\"backend\":{name:?},\"iops\":{iops:.0},\"mib_s\":{mib:.1},\"p50_us\":{:.2},\"p99_us\":{:.2},\"cpu_us_per_req\":{cpu:.2},\"baseline_ratio\":{}}}",
+                if row == 0 && p == 0 { "" } else { "," },
+                percentile_us(&lat, 0.5),
+                percentile_us(&lat, 0.99),
+                if p == 0 { "null".to_string() } else { format!("{:.3}", metric.2.unwrap_or(f64::NAN)) }
+            ));
+        }
+    }
+    json.push_str("]}");
+    println!("{json}");
+    Ok(ok)
+}
