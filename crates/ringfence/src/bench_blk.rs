@@ -638,43 +638,54 @@ pub fn drive<T: Transport>(
         Some(c) => issued < c,
         None => start.elapsed() < spec.duration,
     };
+    // Lends slot `i`'s buffer to the next request and submits it.
+    let mut submit = |driver: &mut BlkDriver<T>,
+                      lender: &mut dyn Lender,
+                      r: &mut CellResult,
+                      i: usize,
+                      issued: &mut u64|
+     -> Option<(u16, Instant, u64)> {
+        let sector = sector_of(*issued);
+        *issued += 1;
+        let t = Instant::now();
+        let Some(data) = lender.lend(i, len, write, sector) else {
+            r.errors += 1;
+            return None;
+        };
+        let len32 = len as u32;
+        let req = if write {
+            BlkRequest::Write {
+                sector,
+                data,
+                len: len32,
+            }
+        } else {
+            BlkRequest::Read {
+                sector,
+                data,
+                len: len32,
+            }
+        };
+        match driver.submit(req) {
+            Ok(token) => Some((token, t, sector)),
+            Err(e) => {
+                tracing::warn!(error = %e, "submission failed");
+                lender.give_back(i, len, write, sector, false);
+                r.errors += 1;
+                None
+            }
+        }
+    };
     loop {
         let mut submitted = false;
-        for (i, slot) in inflight.iter_mut().enumerate() {
-            if slot.is_some() || !more(issued) {
+        for i in 0..qd {
+            if inflight.get(i).is_some_and(Option::is_some) || !more(issued) {
                 continue;
             }
-            let sector = sector_of(issued);
-            issued += 1;
-            let t = Instant::now();
-            let Some(data) = lender.lend(i, len, write, sector) else {
-                r.errors += 1;
-                continue;
-            };
-            let len32 = len as u32;
-            let req = if write {
-                BlkRequest::Write {
-                    sector,
-                    data,
-                    len: len32,
-                }
-            } else {
-                BlkRequest::Read {
-                    sector,
-                    data,
-                    len: len32,
-                }
-            };
-            match driver.submit(req) {
-                Ok(token) => {
-                    *slot = Some((token, t, sector));
-                    submitted = true;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "submission failed");
-                    lender.give_back(i, len, write, sector, false);
-                    r.errors += 1;
-                }
+            let sub = submit(driver, lender, &mut r, i, &mut issued);
+            submitted |= sub.is_some();
+            if let Some(slot) = inflight.get_mut(i) {
+                *slot = sub;
             }
         }
         if submitted {
@@ -717,6 +728,17 @@ pub fn drive<T: Transport>(
             }
             r.requests += 1;
             r.bytes += len as u64;
+            // Refill the slot at once, before taking the next completion:
+            // the device works on it while this side copies the others.
+            if more(issued) {
+                let sub = submit(driver, lender, &mut r, i, &mut issued);
+                if sub.is_some() {
+                    driver.kick();
+                }
+                if let Some(slot) = inflight.get_mut(i) {
+                    *slot = sub;
+                }
+            }
         }
         if !progressed && !wait(driver) {
             tracing::error!("no completion within 1 s");

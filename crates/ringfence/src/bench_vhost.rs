@@ -239,6 +239,9 @@ pub fn run(args: VhostBenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
         args.cell_ms
     );
     let base = peers.first().map(|p| p.name.clone()).unwrap_or_default();
+    println!(
+        "(\"{base} ÷ other\": the median of per-round ratios, oriented so that > 1 means {base} is better)"
+    );
     let mut json = String::from("{\"rows\":[");
     for (row, per_peer) in results.iter().enumerate() {
         let (label, _, qd, _) = ROWS[row];

@@ -44,9 +44,6 @@ pub struct FrontendArgs {
     /// Seed of the data pattern.
     #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,
-    /// Benchmark mode: no writes, random 4 KiB QD1 / QD16 reads and 128 KiB sequential reads.
-    #[arg(long)]
-    pub bench: bool,
     /// Microseconds to poll the used ring before sleeping on the notification
     /// (0, the default: interrupt-driven, like Linux's drivers; polling on both
     /// sides of a 2-CPU machine makes the two spinners fight for the CPUs).
@@ -527,11 +524,7 @@ pub fn run(args: FrontendArgs) -> Result<bool, Box<dyn std::error::Error>> {
         println!("attached pid={}", std::process::id());
         std::thread::sleep(Duration::from_millis(args.pause_ms));
     }
-    let ok = if args.bench {
-        bench(&mut disk, &waiter, capacity_sectors, &args)
-    } else {
-        workload(&mut disk, &waiter, pool, capacity_sectors, &args)
-    };
+    let ok = workload(&mut disk, &waiter, pool, capacity_sectors, &args);
     drop(marker);
     Ok(ok)
 }
@@ -676,49 +669,4 @@ fn workload(
         );
     }
     all_ok
-}
-
-fn bench(disk: &mut Disk, waiter: &CompletionWaiter, capacity: u64, args: &FrontendArgs) -> bool {
-    let poll = workload_poll(args);
-    let span = capacity.min((256u64 << 20) / SECTOR_SIZE as u64);
-    // The capacity is the device's word: at least one 128 KiB request must fit.
-    let seq_sectors = 128 * 1024 / SECTOR_SIZE as u64;
-    if span < seq_sectors {
-        eprintln!(
-            "ringfence: device capacity of {capacity} sectors is too small for the benchmark"
-        );
-        return false;
-    }
-    let mut x = args.seed | 1;
-    let mut rnd = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let randoms: Vec<u64> = (0..200_000).map(|_| (rnd() % (span / 8)) * 8).collect();
-    let at = |i: u64| randoms[(i as usize) % randoms.len()];
-    // Warm up the path.
-    let _ = run_phase(disk, waiter, false, 4096, 2000, 1, 0, false, poll, &at);
-    let mut qd1 = run_phase(disk, waiter, false, 4096, 20_000, 1, 0, false, poll, &at);
-    let qd16 = run_phase(disk, waiter, false, 4096, 50_000, 16, 0, false, poll, &at);
-    let seq_count = (span / seq_sectors).min(2048);
-    let seq = run_phase(
-        disk,
-        waiter,
-        false,
-        128 * 1024,
-        seq_count * 4,
-        16,
-        0,
-        false,
-        poll,
-        &|i| (i % seq_count) * seq_sectors,
-    );
-    let ok = qd1.errors + qd16.errors + seq.errors == 0;
-    println!(
-        "{{\"ok\":{ok},\"qd1_p50_us\":{:.2},\"qd1_p99_us\":{:.2},\"qd16_iops\":{:.0},\"seq128k_mib_s\":{:.1},\"rekicks\":{}}}",
-        qd1.percentile_us(0.5), qd1.percentile_us(0.99), qd16.iops(), seq.mib_s(), qd1.rekicks + qd16.rekicks + seq.rekicks
-    );
-    ok
 }

@@ -153,8 +153,6 @@ impl VhostTransport {
             }
         };
         if features & PROTOCOL_FEATURES != 0 {
-            fe.set_features(PROTOCOL_FEATURES)
-                .map_err(proto("SET_FEATURES"))?;
             let offered = fe
                 .get_protocol_features()
                 .map_err(proto("GET_PROTOCOL_FEATURES"))?;
