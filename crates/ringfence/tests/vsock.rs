@@ -434,3 +434,75 @@ fn a_host_reader_that_stops_holds_the_local_writer_within_credit() {
         ],
     );
 }
+
+/// Sends `len` bytes of pattern `seed` over `w`, then EOF, and checks that
+/// `w` gets EOF back with nothing before it.
+fn send_all_then_eof(mut w: UnixStream, len: usize, seed: u64) {
+    let mut buf = vec![0u8; len];
+    pattern(seed, 0, &mut buf);
+    w.write_all(&buf).unwrap();
+    w.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    w.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    w.read_to_end(&mut got).unwrap();
+    assert!(
+        got.is_empty(),
+        "{} bytes from a peer that sent none",
+        got.len()
+    );
+}
+
+/// Reads `r` to EOF and checks it got `len` bytes of pattern `seed`.
+fn expect_all(mut r: UnixStream, len: usize, seed: u64) {
+    let mut got = Vec::new();
+    r.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    r.read_to_end(&mut got).unwrap();
+    let mut expect = vec![0u8; len];
+    pattern(seed, 0, &mut expect);
+    assert_eq!(got.len(), len, "bytes the late reader got (seed {seed})");
+    assert!(got == expect, "bytes differ (seed {seed})");
+}
+
+#[test]
+fn a_host_that_reads_late_gets_everything_the_vm_side_sent_before_closing() {
+    // More than a host socket's kernel buffer takes (about 228 KiB), so
+    // the device still holds part of it when the VM side is done, yet well
+    // within what the device's credit (256 KiB beyond what it told us it
+    // forwarded) lets the endpoint send before the host reads anything.
+    // The endpoint must then close so that the device writes that part out
+    // first (SHUTDOWN both ways, then the device's RST), not reset the
+    // connection under it.
+    const LEN: usize = 320 << 10;
+    let rig = Rig::new("late", &[(5000, "L")], &[(6000, "F")]);
+
+    // Host to VM: the host client sends nothing, and reads only after the
+    // local server wrote everything, got EOF and the endpoint had time to
+    // close.
+    let local = UnixListener::bind(rig.path("F")).unwrap();
+    let host = host_connect(&rig.path("U"), 6000).expect("CONNECT 6000 refused");
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    let (server, _) = local.accept().unwrap();
+    send_all_then_eof(server, LEN, 11);
+    std::thread::sleep(Duration::from_millis(300));
+    expect_all(host, LEN, 11);
+
+    // VM to host, the same with the roles swapped.
+    let listener = UnixListener::bind(rig.path("U_5000")).unwrap();
+    let client = UnixStream::connect(rig.path("L")).unwrap();
+    let (host, _) = listener.accept().unwrap();
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    send_all_then_eof(client, LEN, 12);
+    std::thread::sleep(Duration::from_millis(300));
+    expect_all(host, LEN, 12);
+
+    let report = rig.finish();
+    report_has(
+        &report,
+        &[
+            "1 connections to the host (0 refused)",
+            "1 from the host (0 refused)",
+            &format!("{} bytes to the host, 0 bytes from the host", 2 * LEN),
+            "0 bad packets, 0 credit violations",
+        ],
+    );
+}

@@ -287,6 +287,45 @@ fn host_eof_is_a_shutdown_and_guest_close_gets_its_rst() {
 }
 
 #[test]
+fn guest_close_with_data_still_buffered_writes_it_all_out_before_the_rst() {
+    // The clean close of a guest done both ways while the host reader
+    // lags: what the device holds for the host socket still goes out,
+    // then the host sees EOF and the guest its RST. (The vsock endpoint
+    // closes this way rather than with an RST, which drops that data.)
+    let mut h = Harness::with(
+        "gclose",
+        |o| VsockOptions {
+            buf_alloc: 1 << 20,
+            ..o
+        },
+        Duration::from_secs(5),
+    );
+    let l = h.listen(52);
+    let mut host = h.guest_connect(&l, 12, 52, 65536);
+    // More than the host socket's kernel buffer takes: the rest waits in
+    // the device.
+    let up = pattern(512 * 1024, 0x44);
+    for chunk in up.chunks(MAX_PAYLOAD as usize) {
+        h.send(h.hdr(OP_RW, 12, 52), chunk);
+    }
+    assert!(h.dev.buffered_bytes() > 0, "the host socket took it all");
+    let mut shut = h.hdr(OP_SHUTDOWN, 12, 52);
+    shut.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    h.send(shut, &[]);
+    // No RST while data waits for the host.
+    h.expect_nothing();
+    assert_eq!(h.dev.connections(), 1);
+    let reader = std::thread::spawn(move || read_to_eof(&mut host));
+    let rst = h.expect_op(OP_RST);
+    assert_eq!((rst.hdr.src_port, rst.hdr.dst_port), (52, 12));
+    let got = reader.join().unwrap();
+    assert_eq!(got.len(), up.len());
+    assert!(got == up, "bytes differ");
+    assert_eq!(h.dev.connections(), 0);
+    assert_eq!(h.dev.buffered_bytes(), 0);
+}
+
+#[test]
 fn guest_shutdown_send_half_closes_the_host_socket() {
     let mut h = Harness::new("gshut");
     let l = h.listen(52);

@@ -31,6 +31,15 @@
 //! neither the device's packets nor new local clients are taken, since
 //! both can cause more.
 //!
+//! Closing (virtio 1.2 §5.10.6.6, as Linux does it): local EOF is a
+//! SHUTDOWN(SEND). Once both directions are done (local EOF, and the peer's
+//! SHUTDOWN(SEND) with all its data delivered locally), SHUTDOWN(RCV|SEND)
+//! asks the peer to end the connection, and its RST does. We send RST
+//! ourselves only as a reply to a peer that shut both ways, or when no RST
+//! came within [`CLOSE_TIMEOUT`]: the peer may still hold data it accepted
+//! from us but has not written out yet (the device keeps up to its
+//! `buf_alloc` for a slow host reader), and an RST makes it drop that.
+//!
 //! Waiting: one `poll` on the listeners, the sockets that need something
 //! and the queues' call doorbells. A notification can be lost in
 //! virtio-drivers 0.13 (event indices compared without wrap-around), so a
@@ -94,6 +103,9 @@ const CREDIT_UPDATE_AFTER: u32 = BUF_ALLOC / 2;
 const MAX_CONNECTIONS: usize = 128;
 /// Time the host has to answer a connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time the host has to answer our SHUTDOWN(RCV|SEND) with RST (Linux's
+/// VSOCK_CLOSE_TIMEOUT) before we reset the connection ourselves.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(8);
 /// First local port of connections we open.
 const FIRST_EPHEMERAL_PORT: u32 = 49152;
 /// Packets taken from the device per round, before local sockets get a turn.
@@ -384,10 +396,15 @@ struct Conn {
     /// Last readiness seen (level: cleared on WouldBlock).
     readable: bool,
     writable: bool,
-    /// Control packets owed to the peer, sent in this order.
+    /// Control packets owed to the peer, sent in this order: REQUEST or
+    /// RESPONSE, CREDIT_UPDATE, SHUTDOWN with the flags in `shut_owed`.
     owe_open: bool,
     owe_credit: bool,
-    owe_shutdown: bool,
+    shut_owed: u32,
+    /// SHUTDOWN flags that went out.
+    shut_sent: u32,
+    /// SHUTDOWN(RCV|SEND) went out: when we stop waiting for the peer's RST.
+    rst_deadline: Option<Instant>,
     /// An entry for this connection is in the pending control queue.
     queued: bool,
     /// The peer's credit as it last said.
@@ -415,7 +432,9 @@ impl Conn {
             writable: true,
             owe_open: true,
             owe_credit: false,
-            owe_shutdown: false,
+            shut_owed: 0,
+            shut_sent: 0,
+            rst_deadline: None,
             queued: false,
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
@@ -442,7 +461,56 @@ impl Conn {
     }
 
     fn owes(&self) -> bool {
-        self.owe_open || self.owe_credit || self.owe_shutdown
+        self.owe_open || self.owe_credit || self.shut_owed != 0
+    }
+
+    /// The next control packet owed to the peer (op, flags), taken off
+    /// what is owed; `None` if nothing is.
+    fn next_ctrl(&mut self, now: Instant) -> Option<(u16, u32)> {
+        let (op, flags) = if self.owe_open {
+            self.owe_open = false;
+            if self.outgoing {
+                (OP_REQUEST, 0)
+            } else {
+                self.phase = Phase::Open;
+                (OP_RESPONSE, 0)
+            }
+        } else if self.owe_credit {
+            self.owe_credit = false;
+            (OP_CREDIT_UPDATE, 0)
+        } else if self.shut_owed != 0 {
+            self.shut_sent |= self.shut_owed;
+            self.shut_owed = 0;
+            if self.shut_sent == SHUTDOWN_RCV | SHUTDOWN_SEND && self.rst_deadline.is_none() {
+                self.rst_deadline = Some(now + CLOSE_TIMEOUT);
+            }
+            (OP_SHUTDOWN, self.shut_sent)
+        } else {
+            return None;
+        };
+        self.fwd_told = self.fwd_cnt;
+        Some((op, flags))
+    }
+
+    /// The next step of a clean disconnect (see the module notes): owes
+    /// SHUTDOWN(RCV|SEND) once both directions are done. `true`: the
+    /// connection is over and our RST ends it (the peer shut both ways and
+    /// waits for it, or its own RST is overdue).
+    fn close_step(&mut self, now: Instant) -> bool {
+        if let Some(deadline) = self.rst_deadline {
+            return now >= deadline;
+        }
+        if !self.peer_shut || !self.to_local.is_empty() {
+            return false;
+        }
+        if self.peer_rcv_shut {
+            return true;
+        }
+        if self.local_eof {
+            // Not an RST: the peer may not have written out all we sent.
+            self.shut_owed |= (SHUTDOWN_RCV | SHUTDOWN_SEND) & !self.shut_sent;
+        }
+        false
     }
 
     /// The local socket took `n` bytes of peer data.
@@ -736,26 +804,11 @@ impl Endpoint<'_> {
                         self.ctrl.pop_front();
                         continue;
                     };
-                    let (op, flags) = if conn.owe_open {
-                        conn.owe_open = false;
-                        if conn.outgoing {
-                            (OP_REQUEST, 0)
-                        } else {
-                            conn.phase = Phase::Open;
-                            (OP_RESPONSE, 0)
-                        }
-                    } else if conn.owe_credit {
-                        conn.owe_credit = false;
-                        (OP_CREDIT_UPDATE, 0)
-                    } else if conn.owe_shutdown {
-                        conn.owe_shutdown = false;
-                        (OP_SHUTDOWN, SHUTDOWN_SEND)
-                    } else {
+                    let Some((op, flags)) = conn.next_ctrl(Instant::now()) else {
                         conn.queued = false;
                         self.ctrl.pop_front();
                         continue;
                     };
-                    conn.fwd_told = conn.fwd_cnt;
                     let fwd_cnt = conn.fwd_cnt;
                     self.header(key, op, flags, fwd_cnt)
                 }
@@ -1105,18 +1158,16 @@ impl Endpoint<'_> {
             }
             Step::Idle => {}
         }
-        let Some(conn) = self.conns.get(&key) else {
+        let Some(conn) = self.conns.get_mut(&key) else {
             return Ok(false);
         };
-        if (conn.local_eof || conn.peer_rcv_shut)
-            && conn.peer_shut
-            && conn.to_local.is_empty()
-            && !conn.queued
-        {
-            // Both sides are done (and our SHUTDOWN went out): RST ends it
-            // for the peer.
-            self.conns.remove(&key);
-            self.push_rst(key);
+        if conn.close_step(Instant::now()) {
+            if conn.rst_deadline.is_some() {
+                tracing::debug!(?key, "vsock: no RST from the host after our SHUTDOWN");
+            }
+            self.reset(key);
+        } else {
+            self.due(key);
         }
         Ok(false)
     }
@@ -1159,7 +1210,7 @@ impl Endpoint<'_> {
             match conn.stream.read(room) {
                 Ok(0) => {
                     conn.local_eof = true;
-                    conn.owe_shutdown = true;
+                    conn.shut_owed |= SHUTDOWN_SEND;
                 }
                 Ok(n) => {
                     let n = n.min(want);
@@ -1589,6 +1640,53 @@ mod tests {
         conn.peer_buf_alloc = 10;
         assert_eq!(conn.credit(), 0);
         assert!(!conn.wants_read());
+    }
+
+    #[test]
+    fn a_clean_close_asks_the_peer_for_its_rst_and_resets_only_when_it_is_overdue() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut conn = Conn::new(a, false, Phase::Accepting);
+        let t0 = Instant::now();
+        assert_eq!(conn.next_ctrl(t0), Some((OP_RESPONSE, 0)));
+        assert_eq!(conn.next_ctrl(t0), None);
+        // Local EOF (as read_local sees it): SHUTDOWN(SEND), and the peer
+        // may still send.
+        conn.local_eof = true;
+        conn.shut_owed |= SHUTDOWN_SEND;
+        assert!(!conn.close_step(t0));
+        assert_eq!(conn.next_ctrl(t0), Some((OP_SHUTDOWN, SHUTDOWN_SEND)));
+        assert!(!conn.close_step(t0));
+        assert!(!conn.owes());
+        // The peer's SHUTDOWN(SEND) with its data not yet delivered locally.
+        conn.peer_shut = true;
+        conn.to_local.extend([1u8, 2, 3]);
+        assert!(!conn.close_step(t0));
+        assert!(!conn.owes());
+        // Both directions done. The peer may still hold data of ours it has
+        // not written out: not an RST, but SHUTDOWN both ways, and the
+        // peer's RST ends the connection.
+        conn.to_local.clear();
+        assert!(!conn.close_step(t0));
+        assert_eq!(
+            conn.next_ctrl(t0),
+            Some((OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND))
+        );
+        assert_eq!(conn.next_ctrl(t0), None);
+        assert!(!conn.close_step(t0 + CLOSE_TIMEOUT / 2));
+        assert!(!conn.owes());
+        // No RST in time: we reset it.
+        assert!(conn.close_step(t0 + CLOSE_TIMEOUT));
+
+        // A peer that shut both ways waits for our RST: it gets it once
+        // its data is delivered, whatever we still had to send.
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut conn = Conn::new(a, true, Phase::Open);
+        conn.peer_shut = true;
+        conn.peer_rcv_shut = true;
+        conn.to_local.extend([1u8]);
+        assert!(!conn.close_step(t0));
+        conn.to_local.clear();
+        assert!(conn.close_step(t0));
     }
 
     #[test]
