@@ -19,6 +19,8 @@ use ringfence_msg_driver::{
 use ringfence_virtqueue::{BlkDriver, BlkRequest, DmaRegion};
 use virtio_drivers::transport::Transport;
 
+use crate::frontend::fill_pattern;
+
 /// Every byte of the benchmark image (the floor's writes put it back).
 pub const IMAGE_BYTE: u8 = 0xA5;
 /// Sector size of virtio-blk.
@@ -175,17 +177,6 @@ pub fn process_cpu_ns(pid: u32) -> u64 {
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
-}
-
-/// Deterministic pattern: 8 bytes per (seed, byte offset).
-pub fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
-    for (i, chunk) in buf.chunks_mut(8).enumerate() {
-        let mut x = seed ^ (offset / 8 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        x ^= x >> 33;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
 }
 
 /// A small xorshift generator: request offsets, same sequence every run.

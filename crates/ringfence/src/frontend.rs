@@ -67,7 +67,7 @@ pub struct FrontendArgs {
 pub type Disk = VirtIOBlk<BounceHal, MsgTransport>;
 
 /// Deterministic pattern: 8 bytes per (seed, byte offset), so any range can be regenerated.
-fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
+pub(crate) fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
     for (i, chunk) in buf.chunks_mut(8).enumerate() {
         let mut x = seed ^ (offset / 8 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         x ^= x >> 33;
