@@ -17,7 +17,7 @@ use std::sync::Arc;
 use ringfence_bus::{BusError, DeviceBus, DeviceBusEvent, SharedArea};
 use ringfence_device::{DeviceMemory, VirtioDevice};
 use ringfence_virtio_msg::{decode, Body, Message};
-use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestRegionMmap};
 
 pub use transport::DeviceTransport;
 
@@ -52,6 +52,9 @@ pub struct BackendStats {
     pub areas_revoked: AtomicU64,
     /// AREA_UNSHARE requests refused because a worker kept the area too long.
     pub revocations_timed_out: AtomicU64,
+    /// AREA_SHARE answered although a worker still had an older view of
+    /// memory (a request using the new area may then fail).
+    pub shares_timed_out: AtomicU64,
 }
 
 impl BackendStats {
@@ -69,7 +72,7 @@ impl std::fmt::Display for BackendStats {
         write!(
             f,
             "connections={} connections_refused={} connections_failed={} requests={} avail_events={} malformed={} unknown_device={} unexpected={} bus_dropped={} \
-             queue_failures={} workers_abandoned={} areas_revoked={} revocations_timed_out={}",
+             queue_failures={} workers_abandoned={} areas_revoked={} revocations_timed_out={} shares_timed_out={}",
             self.connections.load(Ordering::Relaxed),
             self.connections_refused.load(Ordering::Relaxed),
             self.connections_failed.load(Ordering::Relaxed),
@@ -83,6 +86,7 @@ impl std::fmt::Display for BackendStats {
             self.workers_abandoned.load(Ordering::Relaxed),
             self.areas_revoked.load(Ordering::Relaxed),
             self.revocations_timed_out.load(Ordering::Relaxed),
+            self.shares_timed_out.load(Ordering::Relaxed),
         )
     }
 }
@@ -92,6 +96,26 @@ pub const REVOKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5
 
 /// How long a revocation yields (rather than sleeps) waiting for workers.
 const REVOKE_SPIN: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Waits until `done()` (workers let go of a view of memory, which they do at
+/// the end of each batch); false after [`REVOKE_TIMEOUT`]. Grants come and go
+/// per request and a worker usually lets go within microseconds, so it
+/// yields first and sleeps only when that does not do.
+fn wait_until(done: impl Fn() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    while !done() {
+        let waited = started.elapsed();
+        if waited >= REVOKE_TIMEOUT {
+            return false;
+        }
+        if waited < REVOKE_SPIN {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+    true
+}
 
 /// The device side of one bus: device numbers to device transports.
 pub struct Backend {
@@ -182,10 +206,23 @@ impl Backend {
                 DeviceBusEvent::AreaShared(area) => {
                     let id = area.id;
                     self.areas.insert(id, area);
+                    let old = self.memory.memory().into_inner();
                     self.memory
                         .lock()
                         .map(|g| g.replace(build_memory(&self.areas)))
                         .ok();
+                    // The driver may use the area as soon as it hears back
+                    // (a grant is used by the very next request): no worker
+                    // may still be in a batch that started with a view
+                    // without it.
+                    if !wait_until(|| Arc::strong_count(&old) == 1) {
+                        self.stats.shares_timed_out.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            area = id,
+                            "a worker kept an older view of memory after {REVOKE_TIMEOUT:?}"
+                        );
+                    }
+                    drop(old);
                     if let Err(e) = bus.complete_share(id) {
                         break Self::ended(e);
                     }
@@ -254,30 +291,19 @@ impl Backend {
             .ok();
         // Every view of the old memory holds a reference to the mapping;
         // workers drop theirs at the end of each batch.
-        let started = std::time::Instant::now();
-        let deadline = started + REVOKE_TIMEOUT;
-        while Arc::strong_count(&area.mapping) > 1 {
-            if std::time::Instant::now() >= deadline {
-                self.stats
-                    .revocations_timed_out
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(area = id, "area still in use after {REVOKE_TIMEOUT:?}");
-                // Refused: the area stays shared, as the bus still lists it,
-                // and the driver may ask again.
-                self.areas.insert(id, area);
-                self.memory
-                    .lock()
-                    .map(|g| g.replace(build_memory(&self.areas)))
-                    .ok();
-                return false;
-            }
-            // Grants end per request: a worker usually lets go within
-            // microseconds, so yield first and sleep only when it does not.
-            if started.elapsed() < REVOKE_SPIN {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(std::time::Duration::from_micros(50));
-            }
+        if !wait_until(|| Arc::strong_count(&area.mapping) == 1) {
+            self.stats
+                .revocations_timed_out
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(area = id, "area still in use after {REVOKE_TIMEOUT:?}");
+            // Refused: the area stays shared, as the bus still lists it,
+            // and the driver may ask again.
+            self.areas.insert(id, area);
+            self.memory
+                .lock()
+                .map(|g| g.replace(build_memory(&self.areas)))
+                .ok();
+            return false;
         }
         self.stats.areas_revoked.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(area = id, "area revoked");

@@ -129,7 +129,7 @@ pub fn run(args: BenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let span = image_mib << 20;
     let mut backends = Backends(Vec::new());
     let mut modes = vec![(Mode::Notify, 0u64)];
-    if !args.no_poll && !args.quick {
+    if !args.no_poll {
         modes.push((Mode::Poll, args.poll_us));
     }
     let mut links = Vec::new();
@@ -299,6 +299,9 @@ fn quick(
                 (4096usize, 1usize, 64u64),
                 (64 << 10, 4, 32),
                 (1 << 20, 8, 16),
+                // Deep and many: a grant must be visible to a worker that is
+                // already in the middle of a batch.
+                (256 << 10, MAX_QD, 256),
             ] {
                 let sectors = size as u64 / SECTOR;
                 if base + count * sectors > span / SECTOR {

@@ -269,7 +269,40 @@ fn bench_quick_verifies_every_model() {
             .lines()
             .filter(|l| l.split_whitespace().nth(1) == Some(model) && l.ends_with("verified"))
             .count();
-        assert_eq!(verified, 3, "{model}: {stdout}");
+        assert_eq!(
+            verified, 8,
+            "{model}: 4 cells in each wake-up mode: {stdout}"
+        );
     }
     assert!(stdout.contains("every model moved correct data"));
+}
+
+#[test]
+fn grants_under_load_never_fail_a_request() {
+    // QD16 grants in both wake-up modes: a grant must be visible to a worker
+    // already in the middle of a batch (it once was not: requests failed).
+    let out_dir = Env::new("grant-load");
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--rounds",
+            "1",
+            "--cell-ms",
+            "150",
+            "--models",
+            "grant",
+            "--sizes",
+            "4096,16384,65536,262144",
+            "--image-mib",
+            "64",
+            "--out",
+        ])
+        .arg(&out_dir.dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("errors 0, stalls 0"), "{stdout}");
+    let report = std::fs::read_to_string(out_dir.dir.join("report.md")).unwrap();
+    assert!(report.contains("| poll | write | 16 | 256 KiB | grant |"));
 }
