@@ -63,6 +63,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest sleep of a control request between checks for a response that
 /// another thread read off the socket.
 const CONTROL_SLICE: Duration = Duration::from_millis(1);
+/// Longest sleep of a waiting `recv` while no control request is in flight.
+const IDLE_SLICE: Duration = Duration::from_millis(20);
+/// Control responses kept for requests of other threads.
+const MAX_PENDING_REPLIES: usize = 16;
+/// Largest area mapped with MAP_POPULATE (a grant of one large request).
+const POPULATE_MAX: u64 = 1 << 20;
 const DRIVER_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn limits(max_msg_size: usize, doorbells: bool) -> BusLimits {
@@ -153,13 +159,20 @@ impl LocalDeviceBus {
             .filter(|_| offset.is_multiple_of(4096))
             .ok_or_else(|| format!("area {id}: offset {offset:#x} not a page in range"))?;
         sys::check_sealed_memfd(&file, end)?;
-        // Populated at once, as a hypervisor fills stage-2 tables when it
-        // maps a grant: one call instead of a fault per page on first use.
+        // Grant-sized areas are populated at once, as a hypervisor fills
+        // stage-2 tables when it maps a grant: one call instead of a fault per
+        // page. Larger ones are not, so that a driver cannot make the backend
+        // allocate its whole area limit up front.
+        let populate = if size <= POPULATE_MAX {
+            libc::MAP_POPULATE
+        } else {
+            0
+        };
         let mapping = MmapRegion::build(
             Some(FileOffset::new(file, offset)),
             size as usize,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_NORESERVE | libc::MAP_POPULATE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE | populate,
         )
         .map_err(|e| format!("mmap of area {id} failed: {e}"))?;
         areas.push(id);
@@ -446,6 +459,15 @@ impl LocalDriverBus {
             .remove(&id);
     }
 
+    /// Frees `id` after a failed share, unless the device never answered:
+    /// it may still map the area under that id, so the id is not used again
+    /// on this connection.
+    fn release_area_id_unless_unanswered(&self, id: AreaId, e: &BusError) {
+        if !matches!(e, BusError::Timeout(_)) {
+            self.release_area_id(id);
+        }
+    }
+
     /// AREA_SHARE of `size` bytes of `file` from `offset`, as area `id`.
     fn send_area(&self, id: AreaId, file: &File, offset: u64, size: u64) -> Result<(), BusError> {
         let reply = self.control(&LocalMsg::AreaShare { id, size, offset }, Some(file))?;
@@ -466,6 +488,11 @@ impl LocalDriverBus {
     /// anything else that arrives meanwhile.
     fn control(&self, msg: &LocalMsg, fd: Option<&dyn AsRawFd>) -> Result<LocalMsg, BusError> {
         let _serialise = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        // A late answer to an earlier, timed-out request must not answer this one.
+        self.replies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|r| !r.answers(msg));
         let mut buf = vec![0u8; ABSOLUTE_MAX_MSG_SIZE.min(self.limits.max_msg_size.max(64))];
         let n = encode_local(msg, &mut buf)?;
         let fds: Vec<_> = fd.iter().map(|f| f.as_raw_fd()).collect();
@@ -542,10 +569,38 @@ impl DriverBus for LocalDriverBus {
             return Ok(Some(n));
         }
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut looked = false;
         loop {
-            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-            if !self.sock.wait_readable(left)? {
+            // A flood of messages this loop keeps to itself (control
+            // responses, oversized ones) cannot outrun the deadline.
+            if looked && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                 return Ok(None);
+            }
+            looked = true;
+            // A control request in another thread may have stashed a message.
+            if let Some(m) = self
+                .stash
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front()
+            {
+                let n = m.len().min(buf.len());
+                if let (Some(dst), Some(src)) = (buf.get_mut(..n), m.get(..n)) {
+                    dst.copy_from_slice(src);
+                }
+                return Ok(Some(n));
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+            // Slices, so a message a control request stashes meanwhile is
+            // seen: short while one is in flight, longer otherwise.
+            let step = if self.control.try_lock().is_err() {
+                CONTROL_SLICE
+            } else {
+                IDLE_SLICE
+            };
+            let slice = left.map_or(step, |l| l.min(step));
+            if !self.sock.wait_readable(Some(slice))? {
+                continue;
             }
             // Descriptors from the device side are never wanted here: dropped, closed.
             let Some((n, _files)) = self.sock.recv_nowait(buf)? else {
@@ -555,10 +610,16 @@ impl DriverBus for LocalDriverBus {
                 // A response to another thread's control request goes to it.
                 if let Ok(Some(reply)) = wire::classify(buf.get(..n).unwrap_or(&[])) {
                     if reply.is_control_response() {
-                        self.replies
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push_back(reply);
+                        let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+                        // Bounded: a device that floods responses to nothing
+                        // loses the oldest.
+                        if replies.len() >= MAX_PENDING_REPLIES {
+                            replies.pop_front();
+                            tracing::warn!(
+                                "unclaimed control responses from the device side dropped"
+                            );
+                        }
+                        replies.push_back(reply);
                         continue;
                     }
                 }
@@ -577,9 +638,8 @@ impl DriverBus for LocalDriverBus {
         let file = sys::sealed_memfd(&format!("ringfence-area-{id}"), size)
             .map_err(|e| BusError::io("memfd_create", e))
             .inspect_err(|_| self.release_area_id(id))?;
-        let shared = self.send_area(id, &file, 0, size as u64);
-        if let Err(e) = shared {
-            self.release_area_id(id);
+        if let Err(e) = self.send_area(id, &file, 0, size as u64) {
+            self.release_area_id_unless_unanswered(id, &e);
             return Err(e);
         }
         let mapping = MmapRegion::from_file(FileOffset::new(file, 0), size).map_err(|e| {
@@ -639,16 +699,20 @@ impl DriverBus for LocalDriverBus {
                 ),
             });
         }
-        let file = memory
-            .mapping
-            .file_offset()
-            .ok_or(BusError::Unsupported {
-                op: "grant of memory not from alloc_private",
-            })?
-            .file();
+        let file_offset = memory.mapping.file_offset().ok_or(BusError::Unsupported {
+            op: "grant of memory not from alloc_private",
+        })?;
+        let file = file_offset.file();
+        // Offsets are the mapping's; the grant names the file's.
+        let offset = file_offset
+            .start()
+            .checked_add(offset)
+            .ok_or(BusError::Protocol {
+                reason: "grant offset overflows".into(),
+            })?;
         let id = self.take_area_id()?;
         self.send_area(id, file, offset, len)
-            .inspect_err(|_| self.release_area_id(id))?;
+            .inspect_err(|e| self.release_area_id_unless_unanswered(id, e))?;
         Ok(id)
     }
 

@@ -186,6 +186,14 @@ impl MemoryModel for Bounce {
 
     fn map(&mut self, buf: &IoBuf, len: usize, device_reads: bool) -> Result<Mapped, ModelError> {
         let len = buf.prefix(len, "bounce")?;
+        // Only private memory is bounced: a buffer in shared memory could
+        // change under the plain slices below.
+        if buf.shared_addr.is_some() {
+            return Err(ModelError::BadBuffer {
+                model: "bounce",
+                why: "buffer lives in shared memory",
+            });
+        }
         // SAFETY: the buffer is this process's private memory (the device
         // side has no mapping of it); nothing writes it while the slice lives.
         let bytes =

@@ -471,7 +471,8 @@ impl Link {
         };
         let spec = CellSpec {
             len,
-            qd,
+            // One buffer per request in flight.
+            qd: qd.min(lender.slot.bufs.len()),
             write,
             duration,
             count,

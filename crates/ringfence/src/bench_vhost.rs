@@ -88,9 +88,12 @@ fn start(
     socket: &std::path::Path,
     image: &std::path::Path,
 ) -> Result<Peer, Box<dyn std::error::Error>> {
+    // Paths are quoted for the shell (a quote inside becomes '\'').
+    let quote =
+        |p: &std::path::Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
     let line = cmd
-        .replace("{socket}", &socket.display().to_string())
-        .replace("{image}", &image.display().to_string());
+        .replace("{socket}", &quote(socket))
+        .replace("{image}", &quote(image));
     let child = Command::new("sh")
         .args(["-c", &format!("exec {line}")])
         .stdin(Stdio::null())
