@@ -556,18 +556,6 @@ impl DriverBus for LocalDriverBus {
     }
 
     fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> Result<Option<usize>, BusError> {
-        if let Some(m) = self
-            .stash
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
-        {
-            let n = m.len().min(buf.len());
-            if let (Some(dst), Some(src)) = (buf.get_mut(..n), m.get(..n)) {
-                dst.copy_from_slice(src);
-            }
-            return Ok(Some(n));
-        }
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         let mut looked = false;
         loop {
@@ -577,7 +565,8 @@ impl DriverBus for LocalDriverBus {
                 return Ok(None);
             }
             looked = true;
-            // A control request in another thread may have stashed a message.
+            // Messages a control request stashed come first (another thread's,
+            // or one read while this thread's own request waited).
             if let Some(m) = self
                 .stash
                 .lock()
