@@ -6,26 +6,32 @@
 //! eventfds. Bus-specific messages (ids 0x80 and up) carry the handshake and
 //! the area and doorbell operations; see [`wire`].
 
+pub mod broker;
+mod staging;
 mod sys;
 pub mod wire;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ringfence_bus::{
-    AreaId, BusError, BusLimits, DeviceBus, DeviceBusEvent, Doorbell, DoorbellDirection, DriverBus,
-    LocalArea, PrivateMemory, SharedArea, GRANT_PAGE,
+    AreaCopier, AreaId, AreaRange, BusError, BusLimits, DeviceBus, DeviceBusEvent, Doorbell,
+    DoorbellDirection, DriverBus, LocalArea, PrivateMemory, SharedArea, GRANT_PAGE,
+    MAX_COPY_RANGES,
 };
 use ringfence_virtio_msg::consts::{ABSOLUTE_MAX_MSG_SIZE, MIN_USABLE_MSG_SIZE};
 use vm_memory::{FileOffset, MmapRegion};
 
-pub use sys::{poll_readable, EventFdDoorbell, Listener, Seqpacket};
+pub use sys::{poll_readable, sealed_memfd, EventFdDoorbell, Listener, Seqpacket};
 use wire::{LocalMsg, WireError};
+
+use broker::{BrokerClient, CopyDirection};
+use staging::StagingPool;
 
 /// How a local bus endpoint is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,14 +76,17 @@ const MAX_PENDING_REPLIES: usize = 16;
 /// Largest area mapped with MAP_POPULATE (a grant of one large request).
 const POPULATE_MAX: u64 = 1 << 20;
 const DRIVER_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Staging memory a device side reserves for grants for copy (allocated
+/// only as slots are first used).
+const STAGING_SIZE: usize = 64 << 20;
 
-fn limits(max_msg_size: usize, doorbells: bool) -> BusLimits {
+fn limits(max_msg_size: usize, doorbells: bool, can_copy: bool) -> BusLimits {
     BusLimits {
         max_msg_size,
         doorbells,
         polling: true,
         can_grant: true,
-        can_copy: false,
+        can_copy,
     }
 }
 
@@ -107,6 +116,63 @@ pub struct LocalDeviceBus {
     /// Set once VERSION was answered; nothing else is accepted before it.
     handshake_done: std::sync::atomic::AtomicBool,
     created: std::time::Instant,
+    /// The broker to ask for copies, if this side offers grants for copy.
+    broker: Option<PathBuf>,
+    /// Its connection and the staging memory, made on the first grant for copy.
+    copy: Mutex<Option<Arc<DeviceCopy>>>,
+}
+
+/// A device side's connection to the broker and the memory it copies into.
+struct DeviceCopy {
+    client: BrokerClient,
+    pool: StagingPool,
+    /// The driver's process, whose grants this connection may name.
+    granter: u32,
+}
+
+/// Copies for one grant for copy, into its staging slot.
+struct BrokerCopier {
+    copy: Arc<DeviceCopy>,
+    gref: u32,
+    size: u64,
+    staging_offset: u64,
+}
+
+impl BrokerCopier {
+    fn run(&self, ranges: &[AreaRange], direction: CopyDirection) -> Result<(), BusError> {
+        let mut out = [broker::CopyRange {
+            grant_offset: 0,
+            staging_offset: 0,
+            len: 0,
+        }; MAX_COPY_RANGES];
+        if ranges.len() > out.len() {
+            return Err(BusError::Protocol {
+                reason: format!("{} ranges in one copy", ranges.len()),
+            });
+        }
+        for (r, o) in ranges.iter().zip(out.iter_mut()) {
+            let inside = r.offset.checked_add(r.len).is_some_and(|e| e <= self.size);
+            *o = broker::to_copy_range(r, self.staging_offset)
+                .filter(|_| inside)
+                .ok_or_else(|| BusError::Protocol {
+                    reason: format!("{r:?} outside a grant of {} bytes", self.size),
+                })?;
+        }
+        let ranges = out.get(..ranges.len()).unwrap_or(&[]);
+        self.copy
+            .client
+            .copy(self.copy.granter, self.gref, direction, ranges)
+    }
+}
+
+impl AreaCopier for BrokerCopier {
+    fn fetch(&self, ranges: &[AreaRange]) -> Result<(), BusError> {
+        self.run(ranges, CopyDirection::GrantToStaging)
+    }
+
+    fn store(&self, ranges: &[AreaRange]) -> Result<(), BusError> {
+        self.run(ranges, CopyDirection::StagingToGrant)
+    }
 }
 
 impl LocalDeviceBus {
@@ -116,27 +182,47 @@ impl LocalDeviceBus {
         Ok(Self {
             sock,
             cfg,
-            negotiated: Mutex::new(limits(cfg.max_msg_size, cfg.doorbells)),
+            negotiated: Mutex::new(limits(cfg.max_msg_size, cfg.doorbells, false)),
             area_count: Mutex::new(Vec::new()),
             handshake_done: std::sync::atomic::AtomicBool::new(false),
             created: std::time::Instant::now(),
+            broker: None,
+            copy: Mutex::new(None),
         })
     }
 
-    fn reply(&self, msg: &LocalMsg) -> Result<(), BusError> {
-        let mut buf = [0u8; 64];
-        let n = encode_local(msg, &mut buf)?;
-        self.sock
-            .send_bounded(buf.get(..n).unwrap_or(&[]), self.cfg.send_timeout)
+    /// Offers grants for copy, copied by the broker listening at `path`.
+    pub fn with_broker(mut self, path: PathBuf) -> Self {
+        self.broker = Some(path);
+        self
     }
 
-    fn map_area(
-        &self,
-        id: AreaId,
-        size: u64,
-        offset: u64,
-        file: File,
-    ) -> Result<SharedArea, String> {
+    fn device_copy(&self) -> Result<Arc<DeviceCopy>, String> {
+        let mut copy = self.copy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = copy.as_ref() {
+            return Ok(c.clone());
+        }
+        let path = self.broker.as_ref().ok_or("no broker")?;
+        let client = BrokerClient::connect(path).map_err(|e| format!("broker: {e}"))?;
+        let pool = StagingPool::new(STAGING_SIZE).map_err(|e| format!("staging memory: {e}"))?;
+        client
+            .register_staging(pool.file())
+            .map_err(|e| format!("broker refused staging memory: {e}"))?;
+        let granter = self
+            .sock
+            .peer_pid()
+            .map_err(|e| format!("driver side has no process id: {e}"))?;
+        let c = Arc::new(DeviceCopy {
+            client,
+            pool,
+            granter,
+        });
+        *copy = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Checks a new area's id and size and claims the id.
+    fn claim_area(&self, id: AreaId, size: u64) -> Result<(), String> {
         if id == 0 {
             return Err("area id 0 is reserved".into());
         }
@@ -153,6 +239,69 @@ impl LocalDeviceBus {
         if areas.len() >= self.cfg.max_areas {
             return Err(format!("more than {} areas", self.cfg.max_areas));
         }
+        areas.push(id);
+        Ok(())
+    }
+
+    fn release_area(&self, id: AreaId) {
+        self.area_count
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|&a| a != id);
+    }
+
+    /// A grant for copy: staging memory of our own, reached by the broker.
+    fn copy_area(&self, id: AreaId, size: u64, gref: u32) -> Result<SharedArea, String> {
+        if !self.limits().can_copy {
+            return Err(format!("area {id}: grant for copy was not negotiated"));
+        }
+        self.claim_area(id, size)?;
+        let staged = self.device_copy().and_then(|copy| {
+            let (mapping, staging_offset) = copy
+                .pool
+                .alloc(size)
+                .ok_or_else(|| format!("area {id}: staging memory full"))?;
+            let copier = BrokerCopier {
+                copy,
+                gref,
+                size,
+                staging_offset,
+            };
+            Ok(SharedArea {
+                id,
+                mapping,
+                copier: Some(Arc::new(copier)),
+            })
+        });
+        staged.inspect_err(|_| self.release_area(id))
+    }
+
+    fn reply(&self, msg: &LocalMsg) -> Result<(), BusError> {
+        let mut buf = [0u8; 64];
+        let n = encode_local(msg, &mut buf)?;
+        self.sock
+            .send_bounded(buf.get(..n).unwrap_or(&[]), self.cfg.send_timeout)
+    }
+
+    fn map_area(
+        &self,
+        id: AreaId,
+        size: u64,
+        offset: u64,
+        file: File,
+    ) -> Result<SharedArea, String> {
+        self.claim_area(id, size)?;
+        self.map_claimed(id, size, offset, file)
+            .inspect_err(|_| self.release_area(id))
+    }
+
+    fn map_claimed(
+        &self,
+        id: AreaId,
+        size: u64,
+        offset: u64,
+        file: File,
+    ) -> Result<SharedArea, String> {
         // A grant is a page range of a memfd; only that range is mapped.
         let end = offset
             .checked_add(size)
@@ -175,10 +324,10 @@ impl LocalDeviceBus {
             libc::MAP_SHARED | libc::MAP_NORESERVE | populate,
         )
         .map_err(|e| format!("mmap of area {id} failed: {e}"))?;
-        areas.push(id);
         Ok(SharedArea {
             id,
             mapping: Arc::new(mapping),
+            copier: None,
         })
     }
 
@@ -192,6 +341,7 @@ impl LocalDeviceBus {
             } => {
                 let max = (max_msg_size as usize).min(self.cfg.max_msg_size);
                 let doorbells = self.cfg.doorbells && features & wire::FEATURE_DOORBELLS != 0;
+                let copy = self.broker.is_some() && features & wire::FEATURE_COPY != 0;
                 if revision != ringfence_virtio_msg::consts::TRANSPORT_REVISION
                     || max < MIN_USABLE_MSG_SIZE
                 {
@@ -201,7 +351,8 @@ impl LocalDeviceBus {
                         ),
                     });
                 }
-                *self.negotiated.lock().unwrap_or_else(|p| p.into_inner()) = limits(max, doorbells);
+                *self.negotiated.lock().unwrap_or_else(|p| p.into_inner()) =
+                    limits(max, doorbells, copy);
                 self.handshake_done.store(true, Ordering::SeqCst);
                 self.reply(&LocalMsg::VersionResult {
                     revision: ringfence_virtio_msg::consts::TRANSPORT_REVISION,
@@ -210,12 +361,44 @@ impl LocalDeviceBus {
                         wire::FEATURE_DOORBELLS
                     } else {
                         0
-                    },
+                    } | if copy { wire::FEATURE_COPY } else { 0 },
                 })?;
-                tracing::info!(max_msg_size = max, doorbells, "bus handshake");
+                tracing::info!(max_msg_size = max, doorbells, copy, "bus handshake");
                 DeviceBusEvent::Handled
             }
-            LocalMsg::AreaShare { id, size, offset } => {
+            LocalMsg::AreaShare {
+                id,
+                size,
+                offset,
+                copied: Some(gref),
+            } => {
+                let staged = if files.next().is_some() || offset != 0 {
+                    Err(format!(
+                        "grant for copy {id} with a descriptor or an offset"
+                    ))
+                } else {
+                    self.copy_area(id, size, gref)
+                };
+                match staged {
+                    Ok(area) => {
+                        tracing::debug!(area = id, size, gref, "grant for copy");
+                        DeviceBusEvent::AreaShared(area)
+                    }
+                    Err(reason) => {
+                        self.reply(&LocalMsg::AreaShareResult {
+                            id,
+                            status: wire::STATUS_REJECTED,
+                        })?;
+                        DeviceBusEvent::Dropped { reason }
+                    }
+                }
+            }
+            LocalMsg::AreaShare {
+                id,
+                size,
+                offset,
+                copied: None,
+            } => {
                 let Some(file) = files.next() else {
                     self.reply(&LocalMsg::AreaShareResult {
                         id,
@@ -383,6 +566,11 @@ pub struct LocalDriverBus {
     // Control responses that a `recv` in another thread read off the socket.
     replies: Mutex<VecDeque<LocalMsg>>,
     control: Mutex<()>,
+    /// The device side offered grants for copy.
+    device_copies: bool,
+    broker: Option<BrokerClient>,
+    /// Grants for copy: area id → the broker's grant reference.
+    copy_grants: Mutex<std::collections::HashMap<AreaId, u32>>,
 }
 
 impl LocalDriverBus {
@@ -397,21 +585,25 @@ impl LocalDriverBus {
         check_config(&cfg)?;
         let bus = Self {
             sock,
-            limits: limits(cfg.max_msg_size, cfg.doorbells),
+            limits: limits(cfg.max_msg_size, cfg.doorbells, false),
             area_ids: Mutex::new(BTreeSet::new()),
             stash: Mutex::new(VecDeque::new()),
             replies: Mutex::new(VecDeque::new()),
             control: Mutex::new(()),
+            device_copies: false,
+            broker: None,
+            copy_grants: Mutex::new(std::collections::HashMap::new()),
         };
         let reply = bus.control(
             &LocalMsg::Version {
                 revision: ringfence_virtio_msg::consts::TRANSPORT_REVISION,
                 max_msg_size: cfg.max_msg_size as u32,
-                features: if cfg.doorbells {
-                    wire::FEATURE_DOORBELLS
-                } else {
-                    0
-                },
+                features: wire::FEATURE_COPY
+                    | if cfg.doorbells {
+                        wire::FEATURE_DOORBELLS
+                    } else {
+                        0
+                    },
             },
             None,
         )?;
@@ -432,9 +624,18 @@ impl LocalDriverBus {
             });
         }
         Ok(Self {
-            limits: limits(max, features & wire::FEATURE_DOORBELLS != 0),
+            limits: limits(max, features & wire::FEATURE_DOORBELLS != 0, false),
+            device_copies: features & wire::FEATURE_COPY != 0,
             ..bus
         })
+    }
+
+    /// Makes grants for copy through the broker listening at `path` (the
+    /// device side must have offered them: `limits().can_copy` tells).
+    pub fn with_broker(mut self, path: &Path) -> Result<Self, BusError> {
+        self.broker = Some(BrokerClient::connect(path)?);
+        self.limits.can_copy = self.device_copies;
+        Ok(self)
     }
 
     /// The lowest area id not in use.
@@ -470,7 +671,13 @@ impl LocalDriverBus {
 
     /// AREA_SHARE of `size` bytes of `file` from `offset`, as area `id`.
     fn send_area(&self, id: AreaId, file: &File, offset: u64, size: u64) -> Result<(), BusError> {
-        let reply = self.control(&LocalMsg::AreaShare { id, size, offset }, Some(file))?;
+        let msg = LocalMsg::AreaShare {
+            id,
+            size,
+            offset,
+            copied: None,
+        };
+        let reply = self.control(&msg, Some(file))?;
         if reply
             != (LocalMsg::AreaShareResult {
                 id,
@@ -648,6 +855,15 @@ impl DriverBus for LocalDriverBus {
                 status: wire::STATUS_OK,
                 ..
             } => {
+                let gref = self
+                    .copy_grants
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                // The device side is done with it; now the broker forgets it.
+                if let (Some(gref), Some(broker)) = (gref, self.broker.as_ref()) {
+                    broker.ungrant(gref)?;
+                }
                 self.release_area_id(id);
                 Ok(())
             }
@@ -674,34 +890,64 @@ impl DriverBus for LocalDriverBus {
     }
 
     fn grant(&self, memory: &PrivateMemory, offset: u64, len: u64) -> Result<AreaId, BusError> {
-        let in_range = offset
-            .checked_add(len)
-            .is_some_and(|end| end <= memory.mapping.size() as u64);
-        if len == 0
-            || !offset.is_multiple_of(GRANT_PAGE)
-            || !len.is_multiple_of(GRANT_PAGE)
-            || !in_range
-        {
-            return Err(BusError::Protocol {
-                reason: format!(
-                    "grant of {len:#x} bytes at {offset:#x}: not whole pages of the memory"
-                ),
-            });
-        }
-        let file_offset = memory.mapping.file_offset().ok_or(BusError::Unsupported {
-            op: "grant of memory not from alloc_private",
-        })?;
-        let file = file_offset.file();
-        // Offsets are the mapping's; the grant names the file's.
-        let offset = file_offset
-            .start()
-            .checked_add(offset)
-            .ok_or(BusError::Protocol {
-                reason: "grant offset overflows".into(),
-            })?;
+        let (file, offset) = grant_range(memory, offset, len)?;
         let id = self.take_area_id()?;
         self.send_area(id, file, offset, len)
             .inspect_err(|e| self.release_area_id_unless_unanswered(id, e))?;
+        Ok(id)
+    }
+
+    fn grant_for_copy(
+        &self,
+        memory: &PrivateMemory,
+        offset: u64,
+        len: u64,
+    ) -> Result<AreaId, BusError> {
+        let broker = self
+            .broker
+            .as_ref()
+            .filter(|_| self.limits.can_copy)
+            .ok_or(BusError::Unsupported {
+                op: "grant_for_copy without a broker both sides use",
+            })?;
+        let (file, offset) = grant_range(memory, offset, len)?;
+        let grantee = self
+            .sock
+            .peer_pid()
+            .map_err(|e| BusError::io("SO_PEERCRED", e))?;
+        let gref = broker.grant(grantee, file, offset, len)?;
+        let id = self.take_area_id().inspect_err(|_| {
+            let _ = broker.ungrant(gref);
+        })?;
+        let msg = LocalMsg::AreaShare {
+            id,
+            size: len,
+            offset: 0,
+            copied: Some(gref),
+        };
+        let answered = self.control(&msg, None).and_then(|reply| {
+            if reply
+                == (LocalMsg::AreaShareResult {
+                    id,
+                    status: wire::STATUS_OK,
+                })
+            {
+                Ok(())
+            } else {
+                Err(BusError::Protocol {
+                    reason: format!("device side refused grant for copy {id}: {reply:?}"),
+                })
+            }
+        });
+        if let Err(e) = answered {
+            self.release_area_id_unless_unanswered(id, &e);
+            let _ = broker.ungrant(gref);
+            return Err(e);
+        }
+        self.copy_grants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, gref);
         Ok(id)
     }
 
@@ -734,6 +980,36 @@ impl DriverBus for LocalDriverBus {
         )?;
         Ok(Some(Arc::new(db)))
     }
+}
+
+/// Checks that `offset..offset + len` are whole pages of `memory` and
+/// returns its memfd with the offset in the file.
+fn grant_range(memory: &PrivateMemory, offset: u64, len: u64) -> Result<(&File, u64), BusError> {
+    let in_range = offset
+        .checked_add(len)
+        .is_some_and(|end| end <= memory.mapping.size() as u64);
+    if len == 0
+        || !offset.is_multiple_of(GRANT_PAGE)
+        || !len.is_multiple_of(GRANT_PAGE)
+        || !in_range
+    {
+        return Err(BusError::Protocol {
+            reason: format!(
+                "grant of {len:#x} bytes at {offset:#x}: not whole pages of the memory"
+            ),
+        });
+    }
+    let file_offset = memory.mapping.file_offset().ok_or(BusError::Unsupported {
+        op: "grant of memory not from alloc_private",
+    })?;
+    // Offsets are the mapping's; the grant names the file's.
+    let offset = file_offset
+        .start()
+        .checked_add(offset)
+        .ok_or(BusError::Protocol {
+            reason: "grant offset overflows".into(),
+        })?;
+    Ok((file_offset.file(), offset))
 }
 
 /// Creates both ends of a local bus in one process (tests, benchmarks).

@@ -265,6 +265,32 @@ impl Seqpacket {
         }
     }
 
+    /// The process id of the peer, as the kernel recorded it at connect
+    /// time (`SO_PEERCRED`): an identity the peer cannot forge.
+    pub fn peer_pid(&self) -> io::Result<u32> {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `cred`, which
+        // is a ucred of that size.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.0.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        u32::try_from(cred.pid).map_err(|_| io::Error::other("peer has no process id"))
+    }
+
     /// Waits until a message can be read; `false` on timeout.
     pub fn wait_readable(&self, timeout: Option<Duration>) -> Result<bool, BusError> {
         poll_readable(self.0.as_raw_fd(), timeout)

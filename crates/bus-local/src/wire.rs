@@ -3,8 +3,8 @@
 //!
 //! | id | name | payload (little-endian) | descriptor |
 //! |---|---|---|---|
-//! | 0x80 | VERSION | le32 revision, le32 max_msg_size, le32 features (bit 0: doorbells) | — |
-//! | 0x81 | AREA_SHARE | le16 area_id, le16 reserved, le32 reserved, le64 size | sealed memfd |
+//! | 0x80 | VERSION | le32 revision, le32 max_msg_size, le32 features (bit 0: doorbells, bit 1: copies by a broker) | — |
+//! | 0x81 | AREA_SHARE | le16 area_id, le16 flags (bit 0: copied), le32 grant ref, le64 size, le64 offset | sealed memfd, or none when copied |
 //! | 0x82 | AREA_UNSHARE | le16 area_id, le16 reserved | — |
 //! | 0xC1 | DOORBELL_ATTACH (event) | le16 dev_num, le16 queue, le32 direction (0 to device, 1 to driver) | eventfd |
 //!
@@ -23,6 +23,11 @@ pub const AREA_UNSHARE: u8 = 0x82;
 pub const DOORBELL_ATTACH: u8 = 0xC1;
 /// VERSION feature bit: eventfd doorbells.
 pub const FEATURE_DOORBELLS: u32 = 1;
+/// VERSION feature bit: a broker copies between granted pages and the
+/// device side's staging memory (the device side never maps them).
+pub const FEATURE_COPY: u32 = 2;
+/// AREA_SHARE flag: a grant for copy, reached only through the broker.
+pub const AREA_FLAG_COPIED: u16 = 1;
 /// Area operation succeeded.
 pub const STATUS_OK: u32 = 0;
 /// Area operation refused.
@@ -52,7 +57,9 @@ pub enum LocalMsg {
         features: u32,
     },
     /// Share an area (memfd attached): `size` bytes of the memfd from
-    /// `offset` (0 for a whole window; a page range for a grant).
+    /// `offset` (0 for a whole window; a page range for a grant). Or, with
+    /// `copied`, announce a grant for copy that the broker holds under that
+    /// grant reference (no memfd; `offset` 0).
     AreaShare {
         /// Its id.
         id: AreaId,
@@ -60,6 +67,8 @@ pub enum LocalMsg {
         size: u64,
         /// Where it starts in the memfd.
         offset: u64,
+        /// The broker's grant reference of a grant for copy.
+        copied: Option<u32>,
     },
     /// Revoke an area.
     AreaUnshare {
@@ -137,8 +146,17 @@ impl LocalMsg {
                 put(8, &features.to_le_bytes());
                 (VERSION, matches!(self, LocalMsg::VersionResult { .. }), 12)
             }
-            LocalMsg::AreaShare { id, size, offset } => {
+            LocalMsg::AreaShare {
+                id,
+                size,
+                offset,
+                copied,
+            } => {
                 put(0, &id.to_le_bytes());
+                if let Some(gref) = copied {
+                    put(2, &AREA_FLAG_COPIED.to_le_bytes());
+                    put(4, &gref.to_le_bytes());
+                }
                 put(8, &size.to_le_bytes());
                 put(16, &offset.to_le_bytes());
                 (AREA_SHARE, false, 24)
@@ -273,10 +291,15 @@ pub fn classify(bytes: &[u8]) -> Result<Option<LocalMsg>, WireError> {
         }
         (AREA_SHARE, false) => {
             need(24)?;
+            let flags = le16(p, 2);
+            if flags & !AREA_FLAG_COPIED != 0 {
+                return Err(WireError(format!("AREA_SHARE flags {flags:#x}")));
+            }
             LocalMsg::AreaShare {
                 id: le16(p, 0),
                 size: le64(p, 8),
                 offset: le64(p, 16),
+                copied: (flags & AREA_FLAG_COPIED != 0).then(|| le32(p, 4)),
             }
         }
         (AREA_UNSHARE, false) => {

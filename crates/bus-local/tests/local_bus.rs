@@ -10,6 +10,7 @@ fn share_msg(id: u16, size: u64) -> Vec<u8> {
         id,
         size,
         offset: 0,
+        copied: None,
     })
 }
 

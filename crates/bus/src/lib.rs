@@ -118,13 +118,22 @@ pub trait Doorbell: Send + Sync {
     fn pollable_fd(&self) -> Option<RawFd>;
 }
 
-/// A memory area as the device side sees it: mapped, with its id.
+/// A memory area as the device side sees it, with its id.
+///
+/// Usually `mapping` *is* the driver's memory, mapped. Where a trusted third
+/// party copies instead (a hypervisor's grant copy), the device side never
+/// maps driver memory: `mapping` is staging memory of the device side's own,
+/// laid out like the area, and `copier` moves bytes between the two on
+/// request. Either way the device models see memory at the area's addresses.
 #[derive(Clone)]
 pub struct SharedArea {
     /// Its id; its addresses start at `area_addr(id, 0)`.
     pub id: AreaId,
-    /// The mapping in this process.
+    /// The mapping in this process: the area itself, or its staging copy.
     pub mapping: Arc<MmapRegion>,
+    /// Set when `mapping` is staging memory and the driver's bytes move only
+    /// through this copier.
+    pub copier: Option<Arc<dyn AreaCopier>>,
 }
 
 impl std::fmt::Debug for SharedArea {
@@ -132,8 +141,31 @@ impl std::fmt::Debug for SharedArea {
         f.debug_struct("SharedArea")
             .field("id", &self.id)
             .field("size", &self.mapping.size())
+            .field("copied", &self.copier.is_some())
             .finish()
     }
+}
+
+/// A byte range inside one area: `offset..offset + len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AreaRange {
+    /// Start, from the area's first byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Most ranges one copy request carries (one descriptor chain's worth).
+pub const MAX_COPY_RANGES: usize = 16;
+
+/// Copies between an area the device side cannot map and the area's staging
+/// memory (the same offsets in [`SharedArea::mapping`]), done by a party
+/// both sides trust (Xen's GNTTABOP_copy; a broker process on the local bus).
+pub trait AreaCopier: Send + Sync {
+    /// Copies the driver's bytes in `ranges` into the staging memory.
+    fn fetch(&self, ranges: &[AreaRange]) -> Result<(), BusError>;
+    /// Copies the staging memory's bytes in `ranges` to the driver.
+    fn store(&self, ranges: &[AreaRange]) -> Result<(), BusError>;
 }
 
 /// What the device side receives from a bus.
@@ -242,6 +274,21 @@ pub trait DriverBus: Send + Sync {
     fn grant(&self, memory: &PrivateMemory, offset: u64, len: u64) -> Result<AreaId, BusError> {
         let _ = (memory, offset, len);
         Err(BusError::Unsupported { op: "grant" })
+    }
+    /// Like [`DriverBus::grant`], but the device side never maps the pages:
+    /// a party both sides trust copies between them and the device side's
+    /// own memory when the device side asks (for buses with
+    /// `limits().can_copy`). Revoked with [`DriverBus::unshare_area`].
+    fn grant_for_copy(
+        &self,
+        memory: &PrivateMemory,
+        offset: u64,
+        len: u64,
+    ) -> Result<AreaId, BusError> {
+        let _ = (memory, offset, len);
+        Err(BusError::Unsupported {
+            op: "grant_for_copy",
+        })
     }
     /// Creates a doorbell for `queue` of device `dev_num`, if the bus has doorbells.
     fn doorbell(

@@ -7,6 +7,7 @@
 //! status state machine and runs one worker thread per queue once the driver
 //! sets DRIVER_OK.
 
+mod staging;
 mod transport;
 mod worker;
 
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use ringfence_bus::{BusError, DeviceBus, DeviceBusEvent, SharedArea};
 use ringfence_device::{DeviceMemory, VirtioDevice};
 use ringfence_virtio_msg::{decode, Body, Message};
+use staging::CopiedAreas;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestRegionMmap};
 
 pub use transport::DeviceTransport;
@@ -55,6 +57,10 @@ pub struct BackendStats {
     /// AREA_SHARE answered although a worker still had an older view of
     /// memory (a request using the new area may then fail).
     pub shares_timed_out: AtomicU64,
+    /// Copy requests made for grants for copy (fetches and stores).
+    pub copies: AtomicU64,
+    /// Chains whose copy failed (the queue then needs a reset).
+    pub copies_failed: AtomicU64,
 }
 
 impl BackendStats {
@@ -72,7 +78,7 @@ impl std::fmt::Display for BackendStats {
         write!(
             f,
             "connections={} connections_refused={} connections_failed={} requests={} avail_events={} malformed={} unknown_device={} unexpected={} bus_dropped={} \
-             queue_failures={} workers_abandoned={} areas_revoked={} revocations_timed_out={} shares_timed_out={}",
+             queue_failures={} workers_abandoned={} areas_revoked={} revocations_timed_out={} shares_timed_out={} copies={} copies_failed={}",
             self.connections.load(Ordering::Relaxed),
             self.connections_refused.load(Ordering::Relaxed),
             self.connections_failed.load(Ordering::Relaxed),
@@ -87,6 +93,8 @@ impl std::fmt::Display for BackendStats {
             self.areas_revoked.load(Ordering::Relaxed),
             self.revocations_timed_out.load(Ordering::Relaxed),
             self.shares_timed_out.load(Ordering::Relaxed),
+            self.copies.load(Ordering::Relaxed),
+            self.copies_failed.load(Ordering::Relaxed),
         )
     }
 }
@@ -122,6 +130,8 @@ pub struct Backend {
     devices: BTreeMap<u16, DeviceTransport>,
     areas: BTreeMap<u16, SharedArea>,
     memory: GuestMemoryAtomic<DeviceMemory>,
+    /// The areas whose bytes move by copy (staging, see [`staging`]).
+    copied: Arc<CopiedAreas>,
     stats: Arc<BackendStats>,
 }
 
@@ -143,15 +153,20 @@ impl Backend {
     /// connections of one backend process).
     pub fn with_stats(devices: Vec<Box<dyn VirtioDevice>>, stats: Arc<BackendStats>) -> Self {
         let memory = GuestMemoryAtomic::new(DeviceMemory::default());
+        let copied = Arc::new(CopiedAreas::new(stats.clone()));
         let devices = devices
             .into_iter()
             .zip(1u16..)
-            .map(|(d, n)| (n, DeviceTransport::new(n, d, memory.clone())))
+            .map(|(d, n)| {
+                let transport = DeviceTransport::new(n, d, memory.clone(), copied.clone());
+                (n, transport)
+            })
             .collect();
         Self {
             devices,
             areas: BTreeMap::new(),
             memory,
+            copied,
             stats,
         }
     }
@@ -205,6 +220,10 @@ impl Backend {
                 }
                 DeviceBusEvent::AreaShared(area) => {
                     let id = area.id;
+                    if let Some(copier) = &area.copier {
+                        self.copied
+                            .insert(id, area.mapping.size() as u64, copier.clone());
+                    }
                     self.areas.insert(id, area);
                     let old = self.memory.memory().into_inner();
                     self.memory
@@ -260,6 +279,7 @@ impl Backend {
             dev.detach();
         }
         self.areas.clear();
+        self.copied.clear();
         self.memory
             .lock()
             .map(|g| g.replace(DeviceMemory::default()))
@@ -285,6 +305,7 @@ impl Backend {
         let Some(area) = self.areas.remove(&id) else {
             return false;
         };
+        let copier = self.copied.remove(id);
         self.memory
             .lock()
             .map(|g| g.replace(build_memory(&self.areas)))
@@ -299,6 +320,9 @@ impl Backend {
             // Refused: the area stays shared, as the bus still lists it,
             // and the driver may ask again.
             self.areas.insert(id, area);
+            if let Some((size, copier)) = copier {
+                self.copied.insert(id, size, copier);
+            }
             self.memory
                 .lock()
                 .map(|g| g.replace(build_memory(&self.areas)))

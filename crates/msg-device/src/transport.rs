@@ -1,6 +1,7 @@
 //! The per-device transport: status state machine, features, config with
 //! generation, queue setup validated against the shared areas.
 
+use crate::staging::{CopiedAreas, Staged};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -123,6 +124,7 @@ pub struct DeviceTransport {
     /// The device's config watch while it is live.
     config_watcher: Option<ConfigWatcher>,
     memory: GuestMemoryAtomic<DeviceMemory>,
+    copied: Arc<CopiedAreas>,
     notifier: Arc<Notifier>,
     stats: Option<Arc<BackendStats>>,
     poll: std::time::Duration,
@@ -138,6 +140,7 @@ impl DeviceTransport {
         dev_num: u16,
         device: Box<dyn VirtioDevice>,
         memory: GuestMemoryAtomic<DeviceMemory>,
+        copied: Arc<CopiedAreas>,
     ) -> Self {
         let n = usize::from(device.num_queues());
         let needs_reset = Arc::new(AtomicBool::new(false));
@@ -155,6 +158,7 @@ impl DeviceTransport {
             workers: Vec::new(),
             config_watcher: None,
             memory,
+            copied,
             notifier: Arc::new(Notifier {
                 dev_num,
                 bus: Mutex::new(None),
@@ -379,7 +383,7 @@ impl DeviceTransport {
             let worker = Worker::spawn(WorkerCtx {
                 index: index as u16,
                 queue,
-                handler,
+                handler: Box::new(Staged::new(handler, self.copied.clone())),
                 kick: slot.kick.clone(),
                 wake,
                 backend_stats,

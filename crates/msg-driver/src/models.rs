@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | [`Bounce`] | private memory | copy into / out of a window slot |
 //! | [`Grant`] | private memory | grant its pages, revoke on completion |
+//! | [`Grant::for_copy`] (hypervisor copy) | private memory | grant its pages to a copier, revoke on completion |
 //! | [`InShared`] (born in the window) | the window | nothing |
 //! | [`InShared`] (full share) | all-shared "RAM" | nothing |
 //! | [`Adaptive`] | private memory | bounce below a crossover, grant above |
@@ -311,15 +312,32 @@ impl MemoryModel for InShared {
 
 /// Buffers stay private; each request grants exactly its buffer's pages
 /// (one grant per request, not per page) and revokes them on completion.
+/// The device side maps the grant ([`Grant::new`]), or never maps it and has
+/// a trusted party copy to and from it ([`Grant::for_copy`]).
 pub struct Grant {
     bus: Arc<dyn DriverBus>,
     grants: u64,
+    for_copy: bool,
 }
 
 impl Grant {
     /// Grants over `bus` (which must have `limits().can_grant`).
     pub fn new(bus: Arc<dyn DriverBus>) -> Self {
-        Self { bus, grants: 0 }
+        Self {
+            bus,
+            grants: 0,
+            for_copy: false,
+        }
+    }
+
+    /// Grants for copy over `bus` (which must have `limits().can_copy`):
+    /// the hypervisor-copy model.
+    pub fn for_copy(bus: Arc<dyn DriverBus>) -> Self {
+        Self {
+            bus,
+            grants: 0,
+            for_copy: true,
+        }
     }
 
     /// Grants made so far.
@@ -334,7 +352,11 @@ fn pages(len: usize) -> u64 {
 
 impl MemoryModel for Grant {
     fn name(&self) -> &'static str {
-        "grant"
+        if self.for_copy {
+            "hv-copy"
+        } else {
+            "grant"
+        }
     }
 
     fn alloc(&mut self, len: usize) -> Result<IoBuf, ModelError> {
@@ -364,14 +386,16 @@ impl MemoryModel for Grant {
             model: "grant",
             why: "not private memory of this bus",
         })?;
-        let id = self
-            .bus
-            .grant(private, 0, pages(len))
-            .map_err(|source| ModelError::Bus {
-                model: "grant",
-                op: "grant",
-                source,
-            })?;
+        let granted = if self.for_copy {
+            self.bus.grant_for_copy(private, 0, pages(len))
+        } else {
+            self.bus.grant(private, 0, pages(len))
+        };
+        let id = granted.map_err(|source| ModelError::Bus {
+            model: self.name(),
+            op: "grant",
+            source,
+        })?;
         self.grants += 1;
         let addr = area_addr(id, 0).ok_or(ModelError::BadBuffer {
             model: "grant",

@@ -52,6 +52,11 @@ pub struct BackendArgs {
     /// for latency, which a 2-CPU machine cannot spare).
     #[arg(long, default_value_t = 0)]
     pub poll_us: u64,
+    /// Offer grants for copy (the hypervisor-copy model): the broker at
+    /// this socket (`ringfence broker`) copies between a frontend's granted
+    /// pages and this backend's own staging memory, which it never maps.
+    #[arg(long, value_name = "SOCKET")]
+    pub broker: Option<PathBuf>,
     /// Exit after the first frontend disconnects.
     #[arg(long)]
     pub once: bool,
@@ -102,12 +107,16 @@ pub fn sandbox(
     profile: ringfence_sandbox::Profile,
     devices: &[DeviceArgs],
     disabled: bool,
+    broker: bool,
 ) -> Result<(), ringfence_sandbox::SandboxError> {
     if disabled {
         tracing::warn!("running without the seccomp sandbox");
         return Ok(());
     }
-    let mut extras = ringfence_sandbox::Extras::default();
+    let mut extras = ringfence_sandbox::Extras {
+        broker,
+        ..Default::default()
+    };
     for d in devices {
         match d {
             DeviceArgs::Rng {
@@ -148,7 +157,12 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     let listener = Listener::bind(&args.socket_path)?;
-    sandbox(ringfence_sandbox::Profile::Backend, &list, args.no_sandbox)?;
+    sandbox(
+        ringfence_sandbox::Profile::Backend,
+        &list,
+        args.no_sandbox,
+        args.broker.is_some(),
+    )?;
     tracing::info!(socket = %args.socket_path.display(), pid = std::process::id(), max_connections = args.max_connections, "backend listening");
     let stats = Arc::new(BackendStats::default());
     let active = Arc::new(AtomicUsize::new(0));
@@ -218,7 +232,11 @@ fn serve_connection(
         .iter()
         .map(DeviceTemplate::instance)
         .collect::<Result<Vec<_>, _>>()?;
-    let bus = Arc::new(LocalDeviceBus::new(sock, cfg)?);
+    let mut bus = LocalDeviceBus::new(sock, cfg)?;
+    if let Some(path) = &args.broker {
+        bus = bus.with_broker(path.clone());
+    }
+    let bus = Arc::new(bus);
     let mut backend = Backend::with_stats(devices, stats.clone());
     backend.set_poll(Duration::from_micros(args.poll_us));
     backend.serve(bus)?;

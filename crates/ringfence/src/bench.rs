@@ -91,6 +91,24 @@ impl Drop for Backends {
     }
 }
 
+/// Starts `ringfence broker` and waits for its socket.
+fn spawn_broker(socket: &std::path::Path) -> std::io::Result<Child> {
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["broker", "--socket-path"])
+        .arg(socket)
+        .stdin(std::process::Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            return Err(std::io::Error::other("broker did not start"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child)
+}
+
 pub fn run(args: BenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
     match args.device {
         Some(BenchDevice::Net(a)) => return crate::bench_net::run(a),
@@ -132,13 +150,31 @@ pub fn run(args: BenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
     if !args.no_poll {
         modes.push((Mode::Poll, args.poll_us));
     }
+    // The hypervisor-copy model's third process, shared by both backends as
+    // a hypervisor is shared by its VMs.
+    let broker_socket = dir.0.join("broker.sock");
+    let broker = if models.contains(&ModelKind::HvCopy) {
+        let child = spawn_broker(&broker_socket)?;
+        let pid = child.id();
+        backends.0.push(child);
+        Some((broker_socket.as_path(), pid))
+    } else {
+        None
+    };
+    let broker_arg = broker_socket.to_string_lossy().into_owned();
     let mut links = Vec::new();
     for &(mode, poll_us) in &modes {
         let socket = dir.0.join(format!("{}.sock", mode.name()));
-        let child = spawn_backend(&socket, &image, &["--poll-us", &poll_us.to_string()])?;
+        let poll = poll_us.to_string();
+        let mut extra = vec!["--poll-us", poll.as_str()];
+        if broker.is_some() {
+            extra.extend(["--broker", broker_arg.as_str()]);
+        }
+        let child = spawn_backend(&socket, &image, &extra)?;
         let pid = child.id();
         backends.0.push(child);
-        let link = Link::connect(&socket, pid, mode, Duration::from_micros(poll_us), &models)?;
+        let spin = Duration::from_micros(poll_us);
+        let link = Link::connect(&socket, pid, broker, mode, spin, &models)?;
         links.push(link);
     }
     // The device's word on its size, not the file's, bounds the offsets.

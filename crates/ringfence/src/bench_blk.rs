@@ -45,17 +45,21 @@ pub enum ModelKind {
     Bounce,
     /// Private buffers whose pages are granted per request and revoked.
     Grant,
+    /// Private buffers granted per request to a broker that copies them to
+    /// and from the backend's own memory (the backend never maps them).
+    HvCopy,
     /// Per request, bounce or grant by size, from a crossover calibrated at start-up.
     Adaptive,
 }
 
 impl ModelKind {
     /// All of them.
-    pub const ALL: [ModelKind; 5] = [
+    pub const ALL: [ModelKind; 6] = [
         ModelKind::FullShare,
         ModelKind::InWindow,
         ModelKind::Bounce,
         ModelKind::Grant,
+        ModelKind::HvCopy,
         ModelKind::Adaptive,
     ];
 
@@ -66,6 +70,7 @@ impl ModelKind {
             ModelKind::InWindow => "in-window",
             ModelKind::Bounce => "bounce",
             ModelKind::Grant => "grant",
+            ModelKind::HvCopy => "hv-copy",
             ModelKind::Adaptive => "adaptive",
         }
     }
@@ -168,6 +173,11 @@ pub fn thread_cpu_ns() -> u64 {
 /// scheduler's own accounting (`/proc/PID/task/*/schedstat`, first field).
 /// Threads that ended are not counted; the backend's threads live as long as
 /// its connection.
+pub fn processes_cpu_ns(pids: &[u32]) -> u64 {
+    pids.iter().map(|&p| process_cpu_ns(p)).sum()
+}
+
+/// CPU time of process `pid` (see [`processes_cpu_ns`]).
 pub fn process_cpu_ns(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
@@ -210,7 +220,9 @@ pub struct Link {
     spin: Duration,
     driver: BlkDriver<MsgTransport>,
     waiter: CompletionWaiter,
-    backend_pid: u32,
+    /// The backend's process, and the broker's when there is one: the
+    /// service side's CPU time is theirs together.
+    service_pids: Vec<u32>,
     /// The window; it also keeps the driver's rings mapped for as long as
     /// the driver lives, whichever models use it.
     window: Arc<BouncePool>,
@@ -228,16 +240,24 @@ pub struct Link {
 pub type SetupError = Box<dyn std::error::Error>;
 
 impl Link {
-    /// Connects to the backend at `socket` (process `backend_pid`).
+    /// Connects to the backend at `socket` (process `backend_pid`), with
+    /// grants for copy through the broker at `broker` (socket, process).
     pub fn connect(
         socket: &Path,
         backend_pid: u32,
+        broker: Option<(&Path, u32)>,
         mode: Mode,
         spin: Duration,
         models: &[ModelKind],
     ) -> Result<Self, SetupError> {
-        let bus: Arc<dyn DriverBus> =
-            Arc::new(LocalDriverBus::connect(socket, LocalBusConfig::default())?);
+        let mut local = LocalDriverBus::connect(socket, LocalBusConfig::default())?;
+        if let Some((path, _)) = broker {
+            local = local.with_broker(path)?;
+        }
+        if models.contains(&ModelKind::HvCopy) && !local.limits().can_copy {
+            return Err("hv-copy needs a broker that both sides use".into());
+        }
+        let bus: Arc<dyn DriverBus> = Arc::new(local);
         let dev = *discover(bus.as_ref())?
             .first()
             .ok_or("no device on the bus")?;
@@ -269,7 +289,9 @@ impl Link {
             spin,
             driver,
             waiter,
-            backend_pid,
+            service_pids: std::iter::once(backend_pid)
+                .chain(broker.map(|(_, pid)| pid))
+                .collect(),
             window: window.clone(),
             models: Vec::new(),
             id_buf,
@@ -290,6 +312,7 @@ impl Link {
                 ModelKind::InWindow => Box::new(InShared::born_in_window(window.clone())),
                 ModelKind::Bounce => Box::new(Bounce::new(window.clone())),
                 ModelKind::Grant => Box::new(Grant::new(bus.clone())),
+                ModelKind::HvCopy => Box::new(Grant::for_copy(bus.clone())),
                 ModelKind::Adaptive => {
                     let adaptive = Adaptive::new(window.clone(), bus.clone());
                     link.crossover = adaptive.crossover();
@@ -400,7 +423,7 @@ impl Link {
     /// no data to read or copy.
     pub fn round_trips(&mut self, duration: Duration) -> CellResult {
         let mut r = CellResult::default();
-        let (fe0, be0) = (thread_cpu_ns(), process_cpu_ns(self.backend_pid));
+        let (fe0, be0) = (thread_cpu_ns(), processes_cpu_ns(&self.service_pids));
         let start = Instant::now();
         while start.elapsed() < duration {
             let t = Instant::now();
@@ -437,7 +460,7 @@ impl Link {
         }
         r.elapsed = start.elapsed();
         r.frontend_cpu_ns = thread_cpu_ns().saturating_sub(fe0);
-        r.backend_cpu_ns = process_cpu_ns(self.backend_pid).saturating_sub(be0);
+        r.backend_cpu_ns = processes_cpu_ns(&self.service_pids).saturating_sub(be0);
         r
     }
 
@@ -490,7 +513,7 @@ impl Link {
             &mut lender,
             &spec,
             sector_of,
-            self.backend_pid,
+            &self.service_pids,
         );
         r.mismatches += lender.mismatches;
         r
@@ -612,7 +635,7 @@ pub fn drive<T: Transport>(
     lender: &mut dyn Lender,
     spec: &CellSpec,
     sector_of: &mut dyn FnMut(u64) -> u64,
-    backend_pid: u32,
+    backend_pids: &[u32],
 ) -> CellResult {
     let mut r = CellResult {
         latencies_ns: Vec::with_capacity(65536),
@@ -623,7 +646,7 @@ pub fn drive<T: Transport>(
     let write = spec.write;
     // Per slot: (token, start time, sector).
     let mut inflight: Vec<Option<(u16, Instant, u64)>> = vec![None; qd];
-    let (fe0, be0) = (thread_cpu_ns(), process_cpu_ns(backend_pid));
+    let (fe0, be0) = (thread_cpu_ns(), processes_cpu_ns(backend_pids));
     let start = Instant::now();
     let mut issued = 0u64;
     let more = |issued: u64| match spec.count {
@@ -740,6 +763,6 @@ pub fn drive<T: Transport>(
     }
     r.elapsed = start.elapsed();
     r.frontend_cpu_ns = thread_cpu_ns().saturating_sub(fe0);
-    r.backend_cpu_ns = process_cpu_ns(backend_pid).saturating_sub(be0);
+    r.backend_cpu_ns = processes_cpu_ns(backend_pids).saturating_sub(be0);
     r
 }

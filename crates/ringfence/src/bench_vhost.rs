@@ -161,7 +161,7 @@ fn run_row(peer: &mut Peer, row: usize, duration: Duration, span: u64, seed: u64
         &mut RamLender { len },
         &spec,
         &mut at,
-        pid,
+        &[pid],
     )
 }
 

@@ -7,6 +7,7 @@ mod bench_net;
 mod bench_report;
 mod bench_vhost;
 mod bench_vsock;
+mod broker;
 mod demo;
 mod devices;
 mod endpoints;
@@ -42,6 +43,9 @@ enum Cmd {
     VhostUser(vhost::VhostUserArgs),
     /// Measure the isolated path against the floor measured in the same run.
     Bench(bench::BenchArgs),
+    /// Play the hypervisor of the hypervisor-copy model: hold grants and copy
+    /// between a frontend's granted pages and a backend's own memory.
+    Broker(broker::BrokerArgs),
 }
 
 pub(crate) struct TempDir(pub PathBuf);
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::VhostUser(a) => vhost::run(a),
+        Cmd::Broker(a) => broker::run(a).map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -84,6 +84,7 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         ringfence_sandbox::Profile::VhostUser,
         std::slice::from_ref(&args.device),
         args.no_sandbox,
+        false,
     )?;
     tracing::info!(?policy, "vhost-user backend listening");
     loop {

@@ -179,7 +179,12 @@ fn share(c: &Seqpacket, id: u16, size: u64, fds: &[i32]) -> u32 {
 /// AREA_SHARE of `size` bytes from `offset` of the memfd (a grant).
 fn share_at(c: &Seqpacket, id: u16, size: u64, offset: u64, fds: &[i32]) -> u32 {
     c.send(
-        &local_msg(&wire::LocalMsg::AreaShare { id, size, offset }),
+        &local_msg(&wire::LocalMsg::AreaShare {
+            id,
+            size,
+            offset,
+            copied: None,
+        }),
         fds,
     )
     .unwrap();
@@ -788,11 +793,34 @@ const CASES: &[Case] = &[
                     id: 4,
                     size: 4096,
                     offset: 0,
+                    copied: None,
                 }),
                 &[a.as_raw_fd(), b.as_raw_fd()],
             )
             .unwrap();
             true
+        },
+        moves: &[("bus_dropped", 1)],
+    },
+    Case {
+        name: "AREA_SHARE for copy that was never negotiated (no broker)",
+        prep: Prep::Connected,
+        attack: |c| {
+            c.send(
+                &local_msg(&wire::LocalMsg::AreaShare {
+                    id: 4,
+                    size: 4096,
+                    offset: 0,
+                    copied: Some(1),
+                }),
+                &[],
+            )
+            .unwrap();
+            let mut buf = [0u8; 64];
+            assert!(c.wait_readable(Some(Duration::from_secs(5))).unwrap());
+            c.recv(&mut buf).unwrap();
+            // Refused, not staged.
+            u32::from_le_bytes(buf[12..16].try_into().unwrap()) == wire::STATUS_REJECTED
         },
         moves: &[("bus_dropped", 1)],
     },

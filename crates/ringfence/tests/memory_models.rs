@@ -25,8 +25,15 @@ struct Frontend {
 }
 
 fn attach(socket: &std::path::Path) -> Frontend {
-    let bus: Arc<dyn DriverBus> =
-        Arc::new(LocalDriverBus::connect(socket, LocalBusConfig::default()).unwrap());
+    attach_with(socket, None)
+}
+
+fn attach_with(socket: &std::path::Path, broker: Option<&std::path::Path>) -> Frontend {
+    let mut local = LocalDriverBus::connect(socket, LocalBusConfig::default()).unwrap();
+    if let Some(path) = broker {
+        local = local.with_broker(path).unwrap();
+    }
+    let bus: Arc<dyn DriverBus> = Arc::new(local);
     let dev = discover(bus.as_ref()).unwrap()[0];
     let transport = MsgTransport::new(bus.clone(), dev).unwrap();
     let waiter = transport.waiter();
@@ -193,6 +200,119 @@ fn a_grant_is_mapped_by_the_backend_only_while_it_is_granted() {
     let _ = be.wait();
 }
 
+/// A `ringfence broker` process, killed when dropped (a failing test too).
+struct BrokerProcess(std::process::Child);
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `ringfence broker` at `path`.
+fn broker(path: &std::path::Path) -> BrokerProcess {
+    let child = Command::new(BIN)
+        .args(["broker", "--socket-path"])
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "broker did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    BrokerProcess(child)
+}
+
+#[test]
+fn with_hypervisor_copy_the_backend_never_maps_frontend_memory() {
+    let env = Env::new("hv-copy");
+    let image = env.image(8);
+    let on_disk = pattern(0xA5, 64 << 10);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .write_all_at(&on_disk, 1 << 20)
+        .unwrap();
+    let broker_path = env.dir.join("broker.sock");
+    let _broker = broker(&broker_path);
+    // The backend runs sandboxed, as it does in production.
+    let be = backend(
+        &env.socket(),
+        &image,
+        &["--broker", broker_path.to_str().unwrap()],
+    );
+    let pid = be.id();
+    let mut fe = attach_with(&env.socket(), Some(&broker_path));
+    assert!(fe.bus.limits().can_copy);
+    let mut copy = Grant::for_copy(fe.bus.clone());
+    assert_eq!(copy.name(), "hv-copy");
+    let buf = copy.alloc(64 << 10).unwrap();
+
+    // Read 64 KiB into private memory: the broker copies it there.
+    let mapped = copy.map(&buf, 64 << 10, false).unwrap();
+    let status = fe.request(BlkRequest::Read {
+        sector: (1 << 20) / 512,
+        data: mapped.addr,
+        len: 64 << 10,
+    });
+    assert_eq!(status, 0);
+    // While granted: no frontend memory in the backend, only its own staging.
+    assert!(private_maps(pid).is_empty(), "{:?}", memfd_maps(pid));
+    assert_eq!(private_fds(pid), 0);
+    assert!(
+        memfd_maps(pid)
+            .iter()
+            .any(|(n, _)| n.starts_with("memfd:ringfence-staging")),
+        "{:?}",
+        memfd_maps(pid)
+    );
+    copy.unmap(&buf, 64 << 10, mapped, true).unwrap();
+    let mut got = vec![0u8; 64 << 10];
+    buf.slice().copy_to(&mut got);
+    assert!(got == on_disk, "read through the broker differs");
+
+    // A write of 8 KiB of the buffer reaches the image.
+    let data = pattern(0x3C, 8192);
+    buf.slice().subslice(0, 8192).unwrap().copy_from(&data);
+    let mapped = copy.map(&buf, 8192, true).unwrap();
+    let status = fe.request(BlkRequest::Write {
+        sector: 8,
+        data: mapped.addr,
+        len: 8192,
+    });
+    assert_eq!(status, 0);
+    copy.unmap(&buf, 8192, mapped, false).unwrap();
+    let mut written = vec![0u8; 8192];
+    std::fs::File::open(&image)
+        .unwrap()
+        .read_exact_at(&mut written, 4096)
+        .unwrap();
+    assert!(written == data, "write through the broker differs");
+
+    // The revoked address reaches nothing, and the buffer is untouched.
+    let status = fe.request(BlkRequest::Read {
+        sector: 0,
+        data: mapped.addr,
+        len: 4096,
+    });
+    assert_ne!(status, 0, "a read into a revoked grant must fail");
+    let mut again = vec![0u8; 8192];
+    buf.slice().subslice(0, 8192).unwrap().copy_to(&mut again);
+    assert!(again == data);
+    assert!(private_maps(pid).is_empty());
+    // The model holds the bus too: both go, so the backend sees the end.
+    drop(copy);
+    drop(fe);
+    let stats = common::finish(be);
+    // One fetch for the write, one store for the read; none failed.
+    assert!(stats.contains(" copies=2 copies_failed=0"), "{stats}");
+}
+
 #[test]
 fn bounce_and_shared_models_move_data_and_never_expose_private_memory() {
     let env = Env::new("models");
@@ -264,7 +384,14 @@ fn bench_quick_verifies_every_model() {
         "bench --quick failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for model in ["full-share", "in-window", "bounce", "grant", "adaptive"] {
+    for model in [
+        "full-share",
+        "in-window",
+        "bounce",
+        "grant",
+        "hv-copy",
+        "adaptive",
+    ] {
         let verified = stdout
             .lines()
             .filter(|l| l.split_whitespace().nth(1) == Some(model) && l.ends_with("verified"))

@@ -38,6 +38,9 @@ pub struct Extras {
     /// Connecting Unix stream sockets (vsock's guest connects reach
     /// `<uds>_<port>`).
     pub unix_connect: bool,
+    /// Grants for copy: connecting to the broker, learning the frontend's
+    /// process id (`SO_PEERCRED`) and creating staging memory (a memfd).
+    pub broker: bool,
 }
 
 /// The sandbox could not be installed.
@@ -190,10 +193,20 @@ pub fn rules_with(
             .map(|n| (n, Vec::new())),
         );
     }
-    if extras.unix_connect {
+    if extras.unix_connect || extras.broker {
         rules.insert(libc::SYS_connect, Vec::new());
     }
-    if profile == Profile::VhostUser || extras.unix_connect {
+    if extras.broker {
+        rules.extend(
+            [
+                libc::SYS_getsockopt,
+                libc::SYS_memfd_create,
+                libc::SYS_ftruncate,
+            ]
+            .map(|n| (n, Vec::new())),
+        );
+    }
+    if profile == Profile::VhostUser || extras.unix_connect || extras.broker {
         if profile == Profile::VhostUser {
             rules.extend(VHOST_USER.iter().map(|&n| (n, Vec::new())));
         }
