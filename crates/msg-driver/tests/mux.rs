@@ -403,12 +403,12 @@ fn unknown_devices_and_garbage_are_counted() {
         body: Body::Ping { data: 1 },
     })))
     .unwrap();
-    // Garbage: short, reserved type bits, size beyond what arrived, a bus
+    // Garbage: short, an unknown id, size beyond what arrived, a bus
     // message that names a device.
     tx.send(Ok(vec![0xff; 3])).unwrap();
-    let mut reserved = event(1, 0);
-    reserved[0] |= 0x80;
-    tx.send(Ok(reserved)).unwrap();
+    let mut unknown = event(1, 0);
+    unknown[1] = 0x3F;
+    tx.send(Ok(unknown)).unwrap();
     let mut long = event(1, 0);
     long[6] = 200;
     tx.send(Ok(long)).unwrap();

@@ -290,13 +290,21 @@ const CASES: &[Case] = &[
         moves: &[("malformed", 1)],
     },
     Case {
-        name: "reserved type bit",
+        // The spec: reserved type bits are ignored on receive.
+        name: "reserved type bit, ignored: the request is answered",
         prep: Prep::Connected,
         attack: |c| {
-            raw(c, &[0x04, 7, 1, 0, 0, 0, 8, 0]);
-            true
+            raw(c, &[0x84, 7, 1, 0, 0, 0, 8, 0]);
+            let mut buf = [0u8; 264];
+            c.wait_readable(Some(Duration::from_secs(5))).unwrap()
+                && c.recv(&mut buf).is_ok_and(|(n, _)| {
+                    matches!(
+                        decode(&buf[..n]).map(|m| m.body),
+                        Ok(Body::DeviceStatus { .. })
+                    )
+                })
         },
-        moves: &[("malformed", 1)],
+        moves: &[],
     },
     Case {
         name: "unknown transport id",

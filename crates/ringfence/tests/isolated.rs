@@ -171,7 +171,7 @@ fn malformed_messages_are_dropped_and_counted() {
     assert!(ping(bus.as_ref(), 1));
     let bad: [&[u8]; 5] = [
         &[0x00, 0x07, 1, 0, 0, 0, 12, 0], // msg_size larger than what arrived
-        &[0x04, 0x07, 1, 0, 0, 0, 8, 0],  // reserved type bit
+        &[0x00, 0x05, 1, 0, 0, 0, 8, 0],  // GET_CONFIG without its payload
         &[0x00, 0x3F, 1, 0, 0, 0, 8, 0],  // unknown id
         &[0x00, 0x0A, 1, 0, 0, 0, 12, 0, 0, 0, 0, 0], // SET_VQUEUE truncated
         &[0x00, 0x02],                    // shorter than a header

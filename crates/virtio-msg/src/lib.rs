@@ -2,8 +2,11 @@
 //!
 //! Every message is an 8-byte little-endian header followed by a payload. This
 //! crate encodes [`Message`]s into caller-provided buffers and decodes received
-//! bytes through [`decode`], which rejects reserved type bits, sizes that do not
-//! match the header or the message kind, and unknown ids, and says which.
+//! bytes through [`decode`], which rejects sizes that do not match the header
+//! or are too short for the message kind, fields out of range and unknown ids,
+//! and says which. As the spec asks, it ignores reserved type bits and bytes
+//! past a fixed-size payload (a bus may pad messages to its slot size), and
+//! accepts the device states reserved for implementations.
 //! It is `no_std` and allocation free, so a driver in firmware can use it.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(
@@ -26,12 +29,6 @@ pub enum DecodeError {
     ShorterThanHeader {
         /// Bytes received.
         len: usize,
-    },
-    /// Reserved bits of the type field are set.
-    #[error("type byte {type_byte:#04x} has reserved bits set")]
-    ReservedTypeBits {
-        /// The type byte.
-        type_byte: u8,
     },
     /// msg_size disagrees with the bytes received.
     #[error("header msg_size {msg_size} but {received} bytes were received")]
@@ -200,6 +197,8 @@ pub enum DeviceState {
     Ready,
     /// The device is gone.
     Removed,
+    /// A state the spec leaves to implementations (0x8000..=0xFFFF).
+    Implementation(u16),
 }
 
 /// The body of a message: which message it is and its fields.
@@ -424,9 +423,8 @@ impl Header {
         else {
             return Err(DecodeError::ShorterThanHeader { len: bytes.len() });
         };
-        if type_byte & TYPE_RESERVED_MASK != 0 {
-            return Err(DecodeError::ReservedTypeBits { type_byte });
-        }
+        // Reserved type bits are ignored on receive, as the spec says (a
+        // later revision may define them); they are never sent.
         if usize::from(msg_size) < HEADER_SIZE || usize::from(msg_size) > bytes.len() {
             return Err(DecodeError::SizeMismatch {
                 msg_size,
@@ -454,8 +452,10 @@ pub fn is_event_id(msg_id: u8) -> bool {
     (EVENT_RANGE_START..IMPL_REQUEST_START).contains(&msg_id) || msg_id >= IMPL_EVENT_START
 }
 
+/// A fixed-size payload: at least `expected` bytes. Bytes past it are
+/// ignored, as the spec allows (a bus may pad messages to its slot size).
 fn expect_len(msg_id: u8, got: usize, expected: usize) -> Result<(), DecodeError> {
-    if got == expected {
+    if got >= expected {
         Ok(())
     } else {
         Err(DecodeError::PayloadLength {
@@ -466,7 +466,8 @@ fn expect_len(msg_id: u8, got: usize, expected: usize) -> Result<(), DecodeError
     }
 }
 
-/// Reads a le32 length field followed by exactly that many bytes to the end of the payload.
+/// Reads the `length` bytes a length field announced; bytes after them are
+/// padding and ignored. Fewer than `length` is an error.
 fn tail_with_length<'a>(
     msg_id: u8,
     fixed: usize,
@@ -475,19 +476,11 @@ fn tail_with_length<'a>(
 ) -> Result<&'a [u8], DecodeError> {
     let got = r.remaining();
     let expected = fixed.saturating_add(length as usize);
-    let data = r.take(length as usize).ok_or(DecodeError::PayloadLength {
+    r.take(length as usize).ok_or(DecodeError::PayloadLength {
         msg_id,
         expected,
         got: fixed.saturating_add(got),
-    })?;
-    if r.remaining() != 0 {
-        return Err(DecodeError::PayloadLength {
-            msg_id,
-            expected,
-            got: fixed.saturating_add(got),
-        });
-    }
-    Ok(data)
+    })
 }
 
 /// Decodes one message received from a bus.
@@ -634,8 +627,9 @@ fn decode_transport<'a>(h: &Header, p: &'a [u8]) -> Result<Body<'a>, DecodeError
                 });
             }
             let (generation, offset, length) = (r.le32(), r.le32(), r.le32());
-            // The data copy is optional: either absent or exactly `length` bytes.
-            let data = if r.remaining() == 0 {
+            // The data copy is optional: absent, or `length` bytes (and
+            // then perhaps padding). Fewer bytes than that are padding only.
+            let data = if r.remaining() < length as usize {
                 &[][..]
             } else {
                 tail_with_length(id, 12, length, &mut r)?
@@ -815,6 +809,7 @@ fn decode_bus<'a>(h: &Header, p: &'a [u8]) -> Result<Body<'a>, DecodeError> {
             let state = match r.le16() {
                 1 => DeviceState::Ready,
                 2 => DeviceState::Removed,
+                s @ 0x8000..=0xFFFF => DeviceState::Implementation(s),
                 other => {
                     return Err(DecodeError::InvalidField {
                         msg_id: id,
@@ -1058,6 +1053,7 @@ impl Message<'_> {
                 w.le16(match state {
                     DeviceState::Ready => 1,
                     DeviceState::Removed => 2,
+                    DeviceState::Implementation(s) => s,
                 });
             }
             BusSpecific { payload, .. } => w.bytes(payload),

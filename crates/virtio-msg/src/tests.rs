@@ -449,15 +449,97 @@ fn rejects_short_and_mismatched_sizes() {
 }
 
 #[test]
-fn rejects_reserved_type_bits() {
+fn ignores_reserved_type_bits() {
+    for type_byte in [0x04u8, 0x80, 0xFC] {
+        assert_eq!(
+            decode(&[type_byte, 0x07, 1, 0, 0, 0, 8, 0]).unwrap().body,
+            Body::GetDeviceStatus,
+            "{type_byte:#x}"
+        );
+    }
+    // The defined bits still count: 0x85 is a response.
     assert_eq!(
-        decode(&[0x04, 0x07, 1, 0, 0, 0, 8, 0]),
-        Err(DecodeError::ReservedTypeBits { type_byte: 0x04 })
+        decode(&[0x85, 0x07, 1, 0, 0, 0, 12, 0, 0xF, 0, 0, 0])
+            .unwrap()
+            .body,
+        Body::DeviceStatus { status: 0xF }
     );
-    assert_eq!(
-        decode(&[0x80, 0x07, 1, 0, 0, 0, 8, 0]),
-        Err(DecodeError::ReservedTypeBits { type_byte: 0x80 })
-    );
+}
+
+#[test]
+fn ignores_padding_after_a_payload() {
+    // GET_DEVICE_STATUS with msg_size covering a 64-byte slot.
+    let mut m = [0u8; 64];
+    m[1] = 0x07;
+    m[2] = 1;
+    m[6] = 64;
+    assert_eq!(decode(&m).unwrap().body, Body::GetDeviceStatus);
+    // SET_VQUEUE padded to 64 bytes: the fields are the first 40.
+    let mut v = [0u8; 64];
+    v[1] = 0x0A;
+    v[2] = 1;
+    v[6] = 64;
+    v[8] = 2; // index
+    v[16] = 0x40; // size
+    v[24] = 0x11; // descriptor address
+    v[32] = 0x22;
+    v[40] = 0x33;
+    v[48] = 0xEE; // padding
+    match decode(&v).unwrap().body {
+        Body::SetVqueue(q) => {
+            assert_eq!((q.index, q.size), (2, 0x40));
+            assert_eq!(
+                (q.desc_addr, q.driver_addr, q.device_addr),
+                (0x11, 0x22, 0x33)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // GET_CONFIG response: data of `length` bytes, then padding.
+    let mut c = vec![1u8, 0x05, 1, 0, 0, 0, 64, 0];
+    c.extend_from_slice(&[7, 0, 0, 0, 4, 0, 0, 0, 2, 0, 0, 0, 0xAA, 0xBB]);
+    c.resize(64, 0xCC);
+    match decode(&c).unwrap().body {
+        Body::Config { data, .. } => assert_eq!(data, &[0xAA, 0xBB]),
+        other => panic!("{other:?}"),
+    }
+    // GET_DEVICES response padded: the bitmap is count / 8 bytes.
+    let mut d = vec![
+        0x03u8, 0x02, 0, 0, 0, 0, 64, 0, 0, 0, 32, 0, 0, 0, 0b101, 0, 0, 0,
+    ];
+    d.resize(64, 0);
+    match decode(&d).unwrap().body {
+        Body::Devices { count, bitmap, .. } => {
+            assert_eq!(count, 32);
+            assert_eq!(bitmap, &[0b101, 0, 0, 0]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn event_device_accepts_implementation_states() {
+    let ev = |state: u16| -> Result<DeviceState, DecodeError> {
+        let s = state.to_le_bytes();
+        let m = [0x02, 0x40, 0, 0, 0, 0, 12, 0, 3, 0, s[0], s[1]];
+        match decode(&m)?.body {
+            Body::EventDevice {
+                device_number: 3,
+                state,
+            } => Ok(state),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(ev(0x8000), Ok(DeviceState::Implementation(0x8000)));
+    assert_eq!(ev(0xFFFF), Ok(DeviceState::Implementation(0xFFFF)));
+    assert_eq!(ev(1), Ok(DeviceState::Ready));
+    // The spec's own reserved states stay refused.
+    for reserved in [0u16, 3, 0x7FFF] {
+        assert!(matches!(
+            ev(reserved),
+            Err(DecodeError::InvalidField { field: "state", .. })
+        ));
+    }
 }
 
 #[test]
@@ -487,13 +569,13 @@ fn rejects_unknown_and_reserved_ids() {
 
 #[test]
 fn rejects_wrong_payload_lengths() {
-    // GET_DEVICE_STATUS request with a stray payload byte.
+    // GET_DEVICE_STATUS response one byte short of its status.
     assert_eq!(
-        decode(&[0, 0x07, 1, 0, 0, 0, 9, 0, 0]),
+        decode(&[1, 0x07, 1, 0, 0, 0, 11, 0, 0, 0, 0]),
         Err(DecodeError::PayloadLength {
             msg_id: 0x07,
-            expected: 0,
-            got: 1
+            expected: 4,
+            got: 3
         })
     );
     // SET_VQUEUE truncated to 44 bytes.
