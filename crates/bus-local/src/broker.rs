@@ -20,7 +20,7 @@
 //! | op | name | payload from byte 8 | descriptor |
 //! |---|---|---|---|
 //! | 1 | STAGING | — | sealed memfd |
-//! | 2 | GRANT | le32 grantee pid, le32 reserved, le64 file offset, le64 len | sealed memfd |
+//! | 2 | GRANT | le32 grantee pid, le32 access (bit 0: grantee may read, bit 1: may write), le64 file offset, le64 len | sealed memfd |
 //! | 3 | UNGRANT | le32 grant ref | — |
 //! | 4 | COPY | le32 granter pid, le32 grant ref, u8 direction (0 grant → staging, 1 staging → grant), u8 count, 6 reserved, count × (le64 grant offset, le64 staging offset, le64 len) | — |
 //!
@@ -29,14 +29,13 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ringfence_bus::{AreaRange, BusError, MAX_COPY_RANGES};
-use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 use crate::sys::{self, Listener, Seqpacket};
 
@@ -63,8 +62,15 @@ pub const MAX_REQUEST: usize = COPY_FIXED + MAX_COPY_RANGES * COPY_RANGE;
 const REPLY_LEN: usize = 16;
 /// How long a client waits for an answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long an UNGRANT waits for copies in flight on that grant.
-const UNGRANT_WAIT: Duration = Duration::from_secs(5);
+/// How long an UNGRANT waits for copies in flight on that grant (less than
+/// a client waits for the answer).
+const UNGRANT_WAIT: Duration = Duration::from_secs(2);
+/// Grants one connection may hold at once (each holds a descriptor).
+pub const MAX_GRANTS_PER_CONNECTION: usize = 1024;
+/// GRANT access bit: the grantee may copy from the grant.
+pub const ACCESS_READ: u32 = 1;
+/// GRANT access bit: the grantee may copy into the grant.
+pub const ACCESS_WRITE: u32 = 2;
 
 /// Direction of a COPY.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,9 +116,12 @@ struct GrantEntry {
     owner: u64,
     /// The process allowed to copy from and to it.
     grantee: u32,
-    /// The granter's memfd, mapped whole (the hypervisor reaches all of a
-    /// VM's memory; the table says which part of it a grant covers).
-    memory: Arc<MmapRegion>,
+    /// ACCESS_READ | ACCESS_WRITE.
+    access: u32,
+    /// The granter's memfd. Copies use pread/pwrite on it rather than a
+    /// mapping: nothing stays mapped after the grant ends, and a page the
+    /// kernel cannot provide is an error, not a SIGBUS in the broker.
+    file: File,
     offset: u64,
     len: u64,
 }
@@ -121,7 +130,6 @@ struct GrantEntry {
 struct Table {
     /// (granter pid, grant ref) → entry.
     grants: Mutex<HashMap<(u32, u32), Arc<GrantEntry>>>,
-    next_ref: AtomicU32,
     next_conn: AtomicU64,
     copies: AtomicU64,
     bytes: AtomicU64,
@@ -142,21 +150,36 @@ impl Default for Broker {
 impl Broker {
     /// An empty grant table.
     pub fn new() -> Self {
-        let table = Table::default();
-        // Reference 0 is never handed out, so a zeroed field names nothing.
-        table.next_ref.store(1, Ordering::Relaxed);
         Self {
-            table: Arc::new(table),
+            table: Arc::new(Table::default()),
         }
     }
 
-    /// Serves connections from `listener` until accepting fails; each
-    /// connection gets a thread. Returns the error that stopped it.
+    /// Serves connections from `listener`, each on its own thread, until
+    /// accepting fails for good. Returns the error that stopped it.
     pub fn serve(&self, listener: &Listener) -> std::io::Error {
         loop {
             match listener.accept(None) {
                 Ok(Some(sock)) => self.spawn(sock),
                 Ok(None) => {}
+                // Out of descriptors or a client gone before accept: the
+                // broker serves on (every VM depends on it).
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(
+                            libc::EMFILE
+                                | libc::ENFILE
+                                | libc::EINTR
+                                | libc::ECONNABORTED
+                                | libc::ENOBUFS
+                                | libc::ENOMEM
+                        )
+                    ) =>
+                {
+                    tracing::warn!(error = %e, "broker: accept failed; retrying");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 Err(e) => return e,
             }
         }
@@ -190,8 +213,8 @@ struct Conn {
     id: u64,
     pid: u32,
     staging: Option<Arc<MmapRegion>>,
-    /// The granter's memfds mapped so far, by inode.
-    memories: HashMap<(u64, u64), Arc<MmapRegion>>,
+    /// Grants this connection holds.
+    grants: usize,
 }
 
 /// A refused request: the status to answer and why (for the log).
@@ -214,7 +237,7 @@ impl Conn {
             id,
             pid,
             staging: None,
-            memories: HashMap::new(),
+            grants: 0,
         })
     }
 
@@ -271,27 +294,39 @@ impl Conn {
             }
             Some(OP_GRANT) if req.len() == HEADER + 24 => {
                 let file = files.next().ok_or_else(|| invalid("GRANT without memfd"))?;
-                let (grantee, offset, len) = (le32(req, 8), le64(req, 16), le64(req, 24));
-                let memory = self.memory(&file)?;
-                let fits = offset
-                    .checked_add(len)
-                    .is_some_and(|end| end <= memory.size() as u64);
-                if len == 0 || !fits {
-                    return Err(invalid("grant outside its memfd"));
+                let (grantee, access) = (le32(req, 8), le32(req, 12));
+                let (offset, len) = (le64(req, 16), le64(req, 24));
+                if access == 0 || access & !(ACCESS_READ | ACCESS_WRITE) != 0 {
+                    return Err(invalid("GRANT access bits"));
                 }
-                let gref = self.table.next_ref.fetch_add(1, Ordering::Relaxed);
-                let entry = GrantEntry {
+                let end = offset
+                    .checked_add(len)
+                    .filter(|_| len > 0)
+                    .ok_or_else(|| invalid("empty or overflowing grant"))?;
+                // Sealed against shrinking and shmem: every granted byte
+                // stays there for as long as the grant lives.
+                sys::check_sealed_memfd(&file, end).map_err(|why| Refused(STATUS_INVALID, why))?;
+                if self.grants >= MAX_GRANTS_PER_CONNECTION {
+                    return Err(Refused(STATUS_FAILED, "too many grants".into()));
+                }
+                let entry = Arc::new(GrantEntry {
                     owner: self.id,
                     grantee,
-                    memory,
+                    access,
+                    file,
                     offset,
                     len,
+                });
+                let mut grants = self.table.grants.lock().unwrap_or_else(|p| p.into_inner());
+                // Unguessable, never 0, never one in use.
+                let gref = loop {
+                    let r = random_u32();
+                    if r != 0 && !grants.contains_key(&(self.pid, r)) {
+                        break r;
+                    }
                 };
-                self.table
-                    .grants
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert((self.pid, gref), Arc::new(entry));
+                grants.insert((self.pid, gref), entry);
+                self.grants += 1;
                 Ok(gref)
             }
             Some(OP_UNGRANT) if req.len() == HEADER + 4 => {
@@ -304,33 +339,26 @@ impl Conn {
                     }
                 }
                 .ok_or_else(|| Refused(STATUS_DENIED, format!("UNGRANT of unknown {key:?}")))?;
+                self.grants = self.grants.saturating_sub(1);
                 // A copy in flight holds the entry; the pages are the
                 // granter's again only once it is done.
                 let started = Instant::now();
                 while Arc::strong_count(&entry) > 1 {
-                    if started.elapsed() > UNGRANT_WAIT {
+                    let waited = started.elapsed();
+                    if waited > UNGRANT_WAIT {
                         return Err(Refused(STATUS_FAILED, "grant still in use".into()));
                     }
-                    std::thread::yield_now();
+                    if waited < Duration::from_millis(1) {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
                 }
                 Ok(0)
             }
             Some(OP_COPY) => self.copy(req),
             _ => Err(invalid("unknown or malformed request")),
         }
-    }
-
-    fn memory(&mut self, file: &File) -> Result<Arc<MmapRegion>, Refused> {
-        let meta = file
-            .metadata()
-            .map_err(|e| Refused(STATUS_FAILED, format!("fstat: {e}")))?;
-        let key = (meta.dev(), meta.ino());
-        if let Some(m) = self.memories.get(&key) {
-            return Ok(m.clone());
-        }
-        let mapping = map_memfd(file)?;
-        self.memories.insert(key, mapping.clone());
-        Ok(mapping)
     }
 
     fn copy(&self, req: &[u8]) -> Result<u32, Refused> {
@@ -363,6 +391,16 @@ impl Conn {
                     format!("no grant {gref} of process {granter} for this process"),
                 )
             })?;
+        let needed = match direction {
+            CopyDirection::GrantToStaging => ACCESS_READ,
+            CopyDirection::StagingToGrant => ACCESS_WRITE,
+        };
+        if entry.access & needed == 0 {
+            return Err(Refused(
+                STATUS_DENIED,
+                format!("grant {gref} does not allow {direction:?}"),
+            ));
+        }
         let mut bytes = 0u64;
         for i in 0..count {
             let at = COPY_FIXED + i * COPY_RANGE;
@@ -371,32 +409,97 @@ impl Conn {
                 staging_offset: le64(req, at + 8),
                 len: le64(req, at + 16),
             };
-            let in_grant = range
+            let file_at = range
                 .grant_offset
                 .checked_add(range.len)
-                .is_some_and(|end| end <= entry.len);
-            if !in_grant {
+                .filter(|&end| end <= entry.len)
+                .and_then(|_| entry.offset.checked_add(range.grant_offset));
+            let staged = region_slice(staging, range.staging_offset, range.len);
+            let (Some(file_at), Some(staged)) = (file_at, staged) else {
                 return Err(Refused(
                     STATUS_DENIED,
-                    format!("{range:?} outside the grant"),
+                    format!("{range:?} outside the grant or staging"),
                 ));
-            }
-            let grant_at = entry.offset.checked_add(range.grant_offset);
-            let grant_slice = grant_at.and_then(|o| region_slice(&entry.memory, o, range.len));
-            let staging_slice = region_slice(staging, range.staging_offset, range.len);
-            let (Some(g), Some(s)) = (grant_slice, staging_slice) else {
-                return Err(Refused(STATUS_DENIED, format!("{range:?} outside memory")));
             };
-            match direction {
-                CopyDirection::GrantToStaging => g.copy_to_volatile_slice(s),
-                CopyDirection::StagingToGrant => s.copy_to_volatile_slice(g),
-            }
+            let done = match direction {
+                CopyDirection::GrantToStaging => file_to_slice(&entry.file, file_at, &staged),
+                CopyDirection::StagingToGrant => slice_to_file(&staged, &entry.file, file_at),
+            };
+            done.map_err(|e| Refused(STATUS_FAILED, format!("{direction:?}: {e}")))?;
             bytes = bytes.saturating_add(range.len);
         }
         self.table.copies.fetch_add(1, Ordering::Relaxed);
         self.table.bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok(0)
     }
+}
+
+/// A random number from the kernel (grant references must not be guessable).
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most 4 bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 4 {
+        // Only before the pool is initialised at boot; the time then.
+        return Instant::now().elapsed().subsec_nanos() ^ std::process::id();
+    }
+    u32::from_le_bytes(b)
+}
+
+/// pread of `dst.len()` bytes at `at` of `file` into `dst`.
+fn file_to_slice(file: &File, mut at: u64, dst: &VolatileSlice<'_>) -> std::io::Result<()> {
+    let guard = dst.ptr_guard_mut();
+    let mut done = 0usize;
+    while done < dst.len() {
+        let left = dst.len() - done;
+        let off = libc::off64_t::try_from(at).map_err(std::io::Error::other)?;
+        // SAFETY: `guard` points at `dst.len()` bytes of a live mapping
+        // (the VolatileSlice's), and `done + left` never exceeds that.
+        let n =
+            unsafe { libc::pread64(file.as_raw_fd(), guard.as_ptr().add(done).cast(), left, off) };
+        match n {
+            n if n > 0 => {
+                done += n as usize;
+                at = at.saturating_add(n as u64);
+            }
+            0 => return Err(std::io::Error::other("memfd ended early")),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// pwrite of `src` to `file` at `at`.
+fn slice_to_file(src: &VolatileSlice<'_>, file: &File, mut at: u64) -> std::io::Result<()> {
+    let guard = src.ptr_guard();
+    let mut done = 0usize;
+    while done < src.len() {
+        let left = src.len() - done;
+        let off = libc::off64_t::try_from(at).map_err(std::io::Error::other)?;
+        // SAFETY: `guard` points at `src.len()` readable bytes of a live
+        // mapping, and `done + left` never exceeds that.
+        let n =
+            unsafe { libc::pwrite64(file.as_raw_fd(), guard.as_ptr().add(done).cast(), left, off) };
+        match n {
+            n if n > 0 => {
+                done += n as usize;
+                at = at.saturating_add(n as u64);
+            }
+            0 => return Err(std::io::Error::other("memfd write made no progress")),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn region_slice(m: &MmapRegion, offset: u64, len: u64) -> Option<vm_memory::VolatileSlice<'_>> {
@@ -434,6 +537,9 @@ pub struct BrokerClient {
     sock: Seqpacket,
     /// One request at a time; holds the next sequence number.
     seq: Mutex<u32>,
+    /// Set after a request timed out: the broker may still act on it late
+    /// (a copy into a staging slot since reused), so nothing more is sent.
+    broken: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for BrokerClient {
@@ -454,6 +560,7 @@ impl BrokerClient {
         Self {
             sock,
             seq: Mutex::new(1),
+            broken: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -463,13 +570,24 @@ impl BrokerClient {
         *seq_guard = seq.wrapping_add(1);
         put(req, 4, &seq.to_le_bytes());
         let op = req.first().copied().unwrap_or(0);
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(BusError::Protocol {
+                reason: "broker connection unusable after a timeout".into(),
+            });
+        }
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        // A broker that stops reading cannot block the caller for good.
+        if !self.sock.wait_writable(Some(CALL_TIMEOUT))? {
+            self.broken.store(true, Ordering::SeqCst);
+            return Err(BusError::Timeout(CALL_TIMEOUT));
+        }
         let fds: Vec<_> = fd.iter().map(|f| f.as_raw_fd()).collect();
         self.sock.send(req, &fds)?;
-        let deadline = Instant::now() + CALL_TIMEOUT;
         let mut reply = [0u8; REPLY_LEN];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || !self.sock.wait_readable(Some(left))? {
+                self.broken.store(true, Ordering::SeqCst);
                 return Err(BusError::Timeout(CALL_TIMEOUT));
             }
             let Some((n, _)) = self.sock.recv_nowait(&mut reply)? else {
@@ -495,12 +613,21 @@ impl BrokerClient {
         self.call(&mut req, Some(file)).map(|_| ())
     }
 
-    /// Grants process `grantee` copies from and to `len` bytes of `file`
-    /// at `offset`; returns the grant reference.
-    pub fn grant(&self, grantee: u32, file: &File, offset: u64, len: u64) -> Result<u32, BusError> {
+    /// Grants process `grantee` copies from (`ACCESS_READ`) and/or to
+    /// (`ACCESS_WRITE`) `len` bytes of `file` at `offset`; returns the
+    /// grant reference.
+    pub fn grant(
+        &self,
+        grantee: u32,
+        access: u32,
+        file: &File,
+        offset: u64,
+        len: u64,
+    ) -> Result<u32, BusError> {
         let mut req = [0u8; HEADER + 24];
         req[0] = OP_GRANT;
         put(&mut req, 8, &grantee.to_le_bytes());
+        put(&mut req, 12, &access.to_le_bytes());
         put(&mut req, 16, &offset.to_le_bytes());
         put(&mut req, 24, &len.to_le_bytes());
         self.call(&mut req, Some(file))

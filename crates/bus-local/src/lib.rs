@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use ringfence_bus::{
     AreaCopier, AreaId, AreaRange, BusError, BusLimits, DeviceBus, DeviceBusEvent, Doorbell,
-    DoorbellDirection, DriverBus, LocalArea, PrivateMemory, SharedArea, GRANT_PAGE,
+    DoorbellDirection, DriverBus, GrantAccess, LocalArea, PrivateMemory, SharedArea, GRANT_PAGE,
     MAX_COPY_RANGES,
 };
 use ringfence_virtio_msg::consts::{ABSOLUTE_MAX_MSG_SIZE, MIN_USABLE_MSG_SIZE};
@@ -850,20 +850,25 @@ impl DriverBus for LocalDriverBus {
     }
 
     fn unshare_area(&self, id: AreaId) -> Result<(), BusError> {
-        match self.control(&LocalMsg::AreaUnshare { id }, None)? {
+        let answer = self.control(&LocalMsg::AreaUnshare { id }, None);
+        // A grant for copy ends at the broker whatever the device side
+        // says: the broker, not the backend, decides when access stops
+        // (it waits for a copy in flight).
+        let gref = self
+            .copy_grants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if let (Some(gref), Some(broker)) = (gref, self.broker.as_ref()) {
+            if let Err(e) = broker.ungrant(gref) {
+                tracing::error!(area = id, error = %e, "the broker did not end a grant");
+            }
+        }
+        match answer? {
             LocalMsg::AreaUnshareResult {
                 status: wire::STATUS_OK,
                 ..
             } => {
-                let gref = self
-                    .copy_grants
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                // The device side is done with it; now the broker forgets it.
-                if let (Some(gref), Some(broker)) = (gref, self.broker.as_ref()) {
-                    broker.ungrant(gref)?;
-                }
                 self.release_area_id(id);
                 Ok(())
             }
@@ -902,6 +907,7 @@ impl DriverBus for LocalDriverBus {
         memory: &PrivateMemory,
         offset: u64,
         len: u64,
+        access: GrantAccess,
     ) -> Result<AreaId, BusError> {
         let broker = self
             .broker
@@ -915,7 +921,16 @@ impl DriverBus for LocalDriverBus {
             .sock
             .peer_pid()
             .map_err(|e| BusError::io("SO_PEERCRED", e))?;
-        let gref = broker.grant(grantee, file, offset, len)?;
+        let bits = if access.device_reads {
+            broker::ACCESS_READ
+        } else {
+            0
+        } | if access.device_writes {
+            broker::ACCESS_WRITE
+        } else {
+            0
+        };
+        let gref = broker.grant(grantee, bits, file, offset, len)?;
         let id = self.take_area_id().inspect_err(|_| {
             let _ = broker.ungrant(gref);
         })?;

@@ -265,6 +265,11 @@ impl Seqpacket {
         }
     }
 
+    /// Waits until a message can be sent without blocking; `false` on timeout.
+    pub fn wait_writable(&self, timeout: Option<Duration>) -> Result<bool, BusError> {
+        poll_fd(self.0.as_raw_fd(), libc::POLLOUT, timeout)
+    }
+
     /// The process id of the peer, as the kernel recorded it at connect
     /// time (`SO_PEERCRED`): an identity the peer cannot forge.
     pub fn peer_pid(&self) -> io::Result<u32> {
@@ -460,6 +465,20 @@ pub fn check_sealed_memfd(file: &File, size: u64) -> Result<(), String> {
     if len < size {
         return Err(format!("memfd holds {len} bytes, area claims {size}"));
     }
+    // Only shmem: a hugetlbfs memfd can be sealed too, but touching a page
+    // the pool cannot back raises SIGBUS in whoever maps it.
+    // SAFETY: statfs is plain integers; all zeroes is a valid value.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a valid out-pointer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } < 0 {
+        return Err(format!("fstatfs failed: {}", io::Error::last_os_error()));
+    }
+    if fs.f_type != libc::TMPFS_MAGIC {
+        return Err(format!(
+            "memfd is not shmem (filesystem {:#x}): refused",
+            fs.f_type
+        ));
+    }
     Ok(())
 }
 
@@ -609,6 +628,39 @@ impl Doorbell for EventFdDoorbell {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hugetlbfs_memfd_is_refused_even_when_sealed() {
+        let name = std::ffi::CString::new("huge").unwrap();
+        // SAFETY: a valid name; flags only.
+        let fd = unsafe {
+            libc::memfd_create(
+                name.as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | libc::MFD_HUGETLB,
+            )
+        };
+        if fd < 0 {
+            eprintln!("no hugetlbfs memfds here: nothing to refuse");
+            return;
+        }
+        // SAFETY: a new descriptor that nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        if file.set_len(2 << 20).is_err() {
+            eprintln!("no huge page size of 2 MiB here");
+            return;
+        }
+        // SAFETY: fcntl on our descriptor with an integer argument.
+        unsafe {
+            libc::fcntl(
+                fd,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        };
+        let refused = check_sealed_memfd(&file, 4096).unwrap_err();
+        assert!(refused.contains("not shmem"), "{refused}");
+        assert!(check_sealed_memfd(&sealed_memfd("shm", 4096).unwrap(), 4096).is_ok());
+    }
 
     #[test]
     fn control_buffer_holds_cmsg_fds_descriptors() {

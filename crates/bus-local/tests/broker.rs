@@ -7,8 +7,10 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ringfence_bus::{AreaRange, DeviceBus, DeviceBusEvent, DriverBus};
-use ringfence_bus_local::broker::{Broker, BrokerClient, CopyDirection, CopyRange};
+use ringfence_bus::{AreaRange, DeviceBus, DeviceBusEvent, DriverBus, GrantAccess};
+use ringfence_bus_local::broker::{
+    Broker, BrokerClient, CopyDirection, CopyRange, ACCESS_READ, ACCESS_WRITE,
+};
 use ringfence_bus_local::{sealed_memfd, LocalBusConfig, LocalDeviceBus, LocalDriverBus};
 use ringfence_bus_local::{Listener, Seqpacket};
 use vm_memory::VolatileMemory;
@@ -59,7 +61,7 @@ fn copies_follow_the_grant_table() {
         .unwrap();
 
     // No staging memory yet: nothing to copy into.
-    let gref = frontend.grant(me, &private, PAGE, 2 * PAGE).unwrap();
+    let gref = frontend.grant(me, 3, &private, PAGE, 2 * PAGE).unwrap();
     let one = [range(0, 0, PAGE)];
     assert!(backend
         .copy(me, gref, CopyDirection::GrantToStaging, &one)
@@ -137,9 +139,27 @@ fn copies_follow_the_grant_table() {
         "a revoked grant copies nothing"
     );
     assert!(frontend.ungrant(gref).is_err(), "revoked once");
+    // A grant for one direction refuses the other.
+    let read_only = frontend.grant(me, ACCESS_READ, &private, 0, PAGE).unwrap();
+    backend
+        .copy(me, read_only, CopyDirection::GrantToStaging, &one)
+        .unwrap();
+    assert!(backend
+        .copy(me, read_only, CopyDirection::StagingToGrant, &one)
+        .is_err());
+    let write_only = frontend.grant(me, ACCESS_WRITE, &private, 0, PAGE).unwrap();
+    assert!(backend
+        .copy(me, write_only, CopyDirection::GrantToStaging, &one)
+        .is_err());
+    assert!(
+        frontend.grant(me, 0, &private, 0, PAGE).is_err(),
+        "no access at all"
+    );
+    frontend.ungrant(read_only).unwrap();
+    frontend.ungrant(write_only).unwrap();
     let (copies, copied, denied) = broker.counters();
-    assert_eq!((copies, copied), (2, 2 * PAGE + 100));
-    assert!(denied >= 10, "{denied}");
+    assert_eq!((copies, copied), (3, 3 * PAGE + 100));
+    assert!(denied >= 13, "{denied}");
 }
 
 #[test]
@@ -152,15 +172,15 @@ fn a_grant_names_the_one_process_that_may_use_it() {
     let staging = sealed_memfd("staging", PAGE as usize).unwrap();
     backend.register_staging(&staging).unwrap();
     // Granted to process 1, not to us: our copies are refused.
-    let gref = frontend.grant(1, &private, 0, PAGE).unwrap();
+    let gref = frontend.grant(1, 3, &private, 0, PAGE).unwrap();
     assert!(backend
         .copy(me, gref, CopyDirection::GrantToStaging, &[range(0, 0, 8)])
         .is_err());
     // A memfd that could shrink is refused: the broker would fault.
     let loose = memfd_unsealed();
-    assert!(frontend.grant(me, &loose, 0, PAGE).is_err());
+    assert!(frontend.grant(me, 3, &loose, 0, PAGE).is_err());
     // Grants die with the connection that made them.
-    let gref = frontend.grant(me, &private, 0, PAGE).unwrap();
+    let gref = frontend.grant(me, 3, &private, 0, PAGE).unwrap();
     backend
         .copy(me, gref, CopyDirection::GrantToStaging, &[range(0, 0, 8)])
         .unwrap();
@@ -229,7 +249,11 @@ fn a_grant_for_copy_reaches_the_device_side_as_staging_only() {
         .copy_from(&[0x77u8; PAGE as usize]);
     let d = drv.clone();
     let m = private.clone();
-    let granting = std::thread::spawn(move || d.grant_for_copy(&m, PAGE, 2 * PAGE).unwrap());
+    let both = GrantAccess {
+        device_reads: true,
+        device_writes: true,
+    };
+    let granting = std::thread::spawn(move || d.grant_for_copy(&m, PAGE, 2 * PAGE, both).unwrap());
     let area = match dev.recv(&mut buf).unwrap() {
         DeviceBusEvent::AreaShared(area) => area,
         _ => panic!("expected the grant"),

@@ -244,6 +244,15 @@ impl std::fmt::Debug for PrivateMemory {
     }
 }
 
+/// What the device side may do with a grant for copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantAccess {
+    /// It may read the pages (a request the device reads: a disk write).
+    pub device_reads: bool,
+    /// It may write them (a request the device answers into: a disk read).
+    pub device_writes: bool,
+}
+
 /// Page granularity of grants: a grant covers whole pages.
 pub const GRANT_PAGE: u64 = 4096;
 
@@ -277,15 +286,17 @@ pub trait DriverBus: Send + Sync {
     }
     /// Like [`DriverBus::grant`], but the device side never maps the pages:
     /// a party both sides trust copies between them and the device side's
-    /// own memory when the device side asks (for buses with
-    /// `limits().can_copy`). Revoked with [`DriverBus::unshare_area`].
+    /// own memory when the device side asks, and only in the directions
+    /// `access` allows (for buses with `limits().can_copy`). Revoked with
+    /// [`DriverBus::unshare_area`].
     fn grant_for_copy(
         &self,
         memory: &PrivateMemory,
         offset: u64,
         len: u64,
+        access: GrantAccess,
     ) -> Result<AreaId, BusError> {
-        let _ = (memory, offset, len);
+        let _ = (memory, offset, len, access);
         Err(BusError::Unsupported {
             op: "grant_for_copy",
         })

@@ -199,6 +199,15 @@ pub trait QueueHandler: Send {
         None
     }
 
+    /// `true` while [`process`](Self::process) is the default, one
+    /// [`handle_chain`](Self::handle_chain) per chain. A handler that
+    /// overrides `process` says `false`, and a transport that must act
+    /// around every chain (staging copies for grants it cannot map) then
+    /// leaves the queue to the handler.
+    fn serves_chain_by_chain(&self) -> bool {
+        true
+    }
+
     /// Serves the queue once: pops available chains, answers them and puts
     /// them on the used ring. The default answers one chain at a time with
     /// [`handle_chain`](Self::handle_chain) (see [`process_queue`]); a

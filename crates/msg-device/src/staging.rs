@@ -26,6 +26,13 @@ use crate::BackendStats;
 
 /// Longest chain staged (the largest queue size).
 const MAX_STAGED_DESCRIPTORS: usize = 1024;
+/// Most copy requests for one chain in one direction: a chain scattered
+/// over many grants (or alternating between two) would otherwise cost the
+/// shared copier a round trip per descriptor.
+const MAX_COPIES_PER_CHAIN: usize = 8;
+/// Most bytes staged for one chain in one direction: descriptors that
+/// repeat the same range would otherwise make the copier move gigabytes.
+const MAX_STAGED_BYTES: u64 = 32 << 20;
 
 /// A copied area: its size and who copies for it.
 type Copied = (u64, Arc<dyn AreaCopier>);
@@ -122,6 +129,8 @@ impl Staged {
         let mut batch: Option<(AreaId, Arc<dyn AreaCopier>)> = None;
         let mut pending = [AreaRange { offset: 0, len: 0 }; MAX_COPY_RANGES];
         let mut n = 0usize;
+        let mut requests = 0usize;
+        let mut bytes = 0u64;
         let flush = |batch: &Option<(AreaId, Arc<dyn AreaCopier>)>,
                      pending: &[AreaRange]|
          -> Result<(), ChainError> {
@@ -152,9 +161,19 @@ impl Staged {
             if offset.checked_add(len).is_none_or(|end| end > size) {
                 return Err(failed("descriptor runs past the end of a grant"));
             }
+            bytes = bytes.saturating_add(len);
+            if bytes > MAX_STAGED_BYTES {
+                return Err(failed("chain stages more bytes than a request may"));
+            }
             let same = batch.as_ref().is_some_and(|(b, _)| *b == id);
             if !same || n == pending.len() {
                 flush(&batch, pending.get(..n).unwrap_or(&[]))?;
+                if n > 0 {
+                    requests += 1;
+                }
+                if requests >= MAX_COPIES_PER_CHAIN {
+                    return Err(failed("chain scattered over too many grants"));
+                }
                 n = 0;
                 batch = Some((id, copier));
             }
@@ -182,14 +201,21 @@ impl QueueHandler for Staged {
                     .map(|s| (s.addr.0, u64::from(s.len)));
                 self.transfer(head, readable, Transfer::Fetch)?;
                 let used = self.inner.handle_chain(chain, mem)?;
-                // What the model wrote: the used length, in descriptor order.
+                // What the model wrote: the used length from the start of
+                // the writable part, and the answer byte at its very end
+                // (virtio-blk's status, net control's ack), which a model
+                // writes even when it writes nothing else (used length 1).
                 let mut left = u64::from(used);
-                let written = segments.iter().filter(|s| s.writable).map(|s| {
+                let prefix = segments.iter().filter(|s| s.writable).map(|s| {
                     let take = left.min(u64::from(s.len));
                     left -= take;
                     (s.addr.0, take)
                 });
-                self.transfer(head, written, Transfer::Store)?;
+                let answer = segments
+                    .last()
+                    .filter(|s| s.writable && s.len > 0 && used > 0)
+                    .map(|s| (s.addr.0.saturating_add(u64::from(s.len) - 1), 1));
+                self.transfer(head, prefix.chain(answer), Transfer::Store)?;
                 Ok(used)
             });
         self.segments = segments;
@@ -204,14 +230,20 @@ impl QueueHandler for Staged {
         self.inner.wake_fd()
     }
 
+    fn serves_chain_by_chain(&self) -> bool {
+        self.inner.serves_chain_by_chain()
+    }
+
     fn process(
         &mut self,
         queue: &mut Queue,
         mem: &DeviceMemory,
         stats: &QueueStats,
     ) -> Result<Processed, QueueFailure> {
-        if self.copied.is_empty() {
-            // No copied areas: the model's own way of serving the queue.
+        if self.copied.is_empty() || !self.inner.serves_chain_by_chain() {
+            // No copied areas, or a model that serves the queue its own
+            // way (net RX, rng): the model's own way. Such queues are not
+            // staged; their buffers must be mapped memory.
             self.inner.process(queue, mem, stats)
         } else {
             // Chain by chain, so that every chain is staged.

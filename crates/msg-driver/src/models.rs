@@ -17,7 +17,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use ringfence_bus::{area_addr, AreaId, BusError, DriverBus, PrivateMemory, GRANT_PAGE};
+use ringfence_bus::{
+    area_addr, AreaId, BusError, DriverBus, GrantAccess, PrivateMemory, GRANT_PAGE,
+};
 use vm_memory::{MmapRegion, VolatileMemory, VolatileSlice};
 
 use crate::bounce::{BounceError, BouncePool};
@@ -380,14 +382,19 @@ impl MemoryModel for Grant {
 
     fn free(&mut self, _buf: IoBuf) {}
 
-    fn map(&mut self, buf: &IoBuf, len: usize, _device_reads: bool) -> Result<Mapped, ModelError> {
+    fn map(&mut self, buf: &IoBuf, len: usize, device_reads: bool) -> Result<Mapped, ModelError> {
         let len = buf.prefix(len, "grant")?;
         let private = buf.private.as_ref().ok_or(ModelError::BadBuffer {
             model: "grant",
             why: "not private memory of this bus",
         })?;
         let granted = if self.for_copy {
-            self.bus.grant_for_copy(private, 0, pages(len))
+            // One direction only: the broker refuses the other.
+            let access = GrantAccess {
+                device_reads,
+                device_writes: !device_reads,
+            };
+            self.bus.grant_for_copy(private, 0, pages(len), access)
         } else {
             self.bus.grant(private, 0, pages(len))
         };

@@ -391,6 +391,10 @@ impl QueueHandler for RxQueue {
         Some(self.epoll.as_raw_fd())
     }
 
+    fn serves_chain_by_chain(&self) -> bool {
+        false
+    }
+
     fn process(
         &mut self,
         queue: &mut Queue,

@@ -272,6 +272,10 @@ impl QueueHandler for RngQueue {
         self.timer.as_ref().map(|t| t.fd.as_raw_fd())
     }
 
+    fn serves_chain_by_chain(&self) -> bool {
+        false
+    }
+
     fn process(
         &mut self,
         queue: &mut Queue,

@@ -102,6 +102,7 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_close,
     libc::SYS_fcntl,
     libc::SYS_fstat,
+    libc::SYS_fstatfs, // a memfd from a peer must be shmem, not hugetlbfs
     libc::SYS_newfstatat,
     libc::SYS_statx,
     libc::SYS_lseek,
@@ -197,14 +198,17 @@ pub fn rules_with(
         rules.insert(libc::SYS_connect, Vec::new());
     }
     if extras.broker {
-        rules.extend(
-            [
+        rules.extend([libc::SYS_memfd_create, libc::SYS_ftruncate].map(|n| (n, Vec::new())));
+        // SO_PEERCRED only (the frontend's process id), not any option.
+        if profile != Profile::VhostUser {
+            rules.insert(
                 libc::SYS_getsockopt,
-                libc::SYS_memfd_create,
-                libc::SYS_ftruncate,
-            ]
-            .map(|n| (n, Vec::new())),
-        );
+                vec![SeccompRule::new(vec![
+                    condition(1, SeccompCmpOp::Eq, libc::SOL_SOCKET as u64)?,
+                    condition(2, SeccompCmpOp::Eq, libc::SO_PEERCRED as u64)?,
+                ])?],
+            );
+        }
     }
     if profile == Profile::VhostUser || extras.unix_connect || extras.broker {
         if profile == Profile::VhostUser {
