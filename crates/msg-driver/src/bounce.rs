@@ -132,14 +132,21 @@ impl BouncePool {
     /// A pool over the whole of `area`.
     pub fn new(area: LocalArea) -> Self {
         let n = area.mapping.size() / SLOT_SIZE;
+        let mut slots = Slots {
+            run_len: vec![0; n],
+            used: vec![false; n],
+            hint: 0,
+            in_use: 0,
+        };
+        // In area 0 (a bus that shares physical memory whole, as ivshmem
+        // does) the first page would have device address 0, which
+        // `virtio-drivers` reads as "no memory": it is never handed out.
+        if area.id == 0 {
+            let _ = slots.alloc(4096usize.div_ceil(SLOT_SIZE).min(n), 1);
+        }
         Self {
             area,
-            slots: Mutex::new(Slots {
-                run_len: vec![0; n],
-                used: vec![false; n],
-                hint: 0,
-                in_use: 0,
-            }),
+            slots: Mutex::new(slots),
             stats: Arc::new(BounceStats::default()),
         }
     }

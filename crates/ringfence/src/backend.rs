@@ -38,9 +38,29 @@ pub fn install_signal_handlers() {
 /// Options of `ringfence backend`.
 #[derive(Debug, clap::Args)]
 pub struct BackendArgs {
-    /// Unix socket the frontend connects to.
+    /// Unix socket the frontend connects to (with `--bus ivshmem`: the
+    /// ivshmem server socket that QEMU's `ivshmem-doorbell` chardev or a
+    /// Ringfence frontend connects to).
     #[arg(long)]
     pub socket_path: PathBuf,
+    /// The bus: `local` (memfd windows, seqpacket messages) or `ivshmem`
+    /// (Ringfence is the ivshmem server and peer 0; 64-byte messages in the
+    /// shared memory; the driver's RAM shared whole).
+    #[arg(long, value_enum, default_value_t = BusKind::Local)]
+    pub bus: BusKind,
+    /// With `--bus ivshmem`: the driver's RAM file (QEMU's
+    /// `memory-backend-file,share=on,mem-path=...`), mapped whole; addresses
+    /// are its guest-physical addresses (q35 layout, RAM below 2.75 GiB).
+    #[arg(long, value_name = "FILE")]
+    pub guest_ram: Option<PathBuf>,
+    /// With `--bus ivshmem`: bytes of ivshmem shared memory (a power of two;
+    /// QEMU's device takes its size from the server).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub shm_size: usize,
+    /// With `--bus ivshmem`: interrupt vectors per peer (QEMU's
+    /// `ivshmem-doorbell,vectors=N` must be at least this).
+    #[arg(long, default_value_t = 1)]
+    pub vectors: usize,
     /// Largest bus message in bytes (48..=65536; the spec recommends at most 264).
     #[arg(long, default_value_t = 264)]
     pub max_msg_size: usize,
@@ -83,6 +103,15 @@ pub struct BackendArgs {
     /// One more device, given as a subcommand with its options.
     #[command(subcommand)]
     pub device: Option<DeviceArgs>,
+}
+
+/// Which bus a backend or frontend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BusKind {
+    /// The local bus.
+    Local,
+    /// virtio-msg over ivshmem.
+    Ivshmem,
 }
 
 /// Every device the command line names, in device-number order.
@@ -150,6 +179,9 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
     for (n, t) in templates.iter().enumerate() {
         tracing::info!(dev_num = n + 1, kind = t.kind(), "device ready");
     }
+    if args.bus == BusKind::Ivshmem {
+        return run_ivshmem(&args, &list, &templates);
+    }
     let cfg = LocalBusConfig {
         max_msg_size: args.max_msg_size,
         doorbells: !args.no_doorbells,
@@ -214,6 +246,56 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
     // With --once, let the connection's teardown (device reset) finish first.
     while args.once && active.load(Ordering::SeqCst) > 0 && !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("backend stats: {stats}");
+    Ok(())
+}
+
+/// `--bus ivshmem`: one driver (a VM or a Ringfence frontend) at a time,
+/// each with fresh device instances.
+fn run_ivshmem(
+    args: &BackendArgs,
+    list: &[DeviceArgs],
+    templates: &[DeviceTemplate],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let ram_path = args
+        .guest_ram
+        .as_ref()
+        .ok_or("--bus ivshmem needs --guest-ram FILE (the driver's RAM)")?;
+    let ram = ringfence_bus_ivshmem::map_guest_ram(ram_path)?;
+    let mut server =
+        ringfence_bus_ivshmem::IvshmemServer::bind(&args.socket_path, args.shm_size, args.vectors)?;
+    sandbox(
+        ringfence_sandbox::Profile::Backend,
+        list,
+        args.no_sandbox,
+        false,
+    )?;
+    tracing::info!(socket = %args.socket_path.display(), pid = std::process::id(), shm_size = args.shm_size, vectors = args.vectors, "ivshmem server listening (device side is peer 0)");
+    let stats = Arc::new(BackendStats::default());
+    while !STOP.load(Ordering::SeqCst) {
+        let bus = server.accept(Some(ram.clone()))?;
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        let ivshmem = bus.stats();
+        let devices = templates
+            .iter()
+            .map(DeviceTemplate::instance)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut backend = Backend::with_stats(devices, stats.clone());
+        backend.set_poll(Duration::from_micros(args.poll_us));
+        if let Err(e) = backend.serve(Arc::new(bus)) {
+            stats.connections_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "ivshmem driver connection failed");
+        }
+        tracing::info!(
+            doorbells = ivshmem.doorbells.load(Ordering::Relaxed),
+            messages = ivshmem.messages.load(Ordering::Relaxed),
+            corrupt_indices = ivshmem.corrupt_indices.load(Ordering::Relaxed),
+            "ivshmem driver detached"
+        );
+        if args.once {
+            break;
+        }
     }
     println!("backend stats: {stats}");
     Ok(())

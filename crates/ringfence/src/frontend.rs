@@ -23,6 +23,14 @@ pub struct FrontendArgs {
     /// Unix socket of the backend.
     #[arg(long)]
     pub socket_path: PathBuf,
+    /// The bus: `local` or `ivshmem` (attach to a Ringfence ivshmem server
+    /// as a VM does; its whole RAM is then shared).
+    #[arg(long, value_enum, default_value_t = crate::backend::BusKind::Local)]
+    pub bus: crate::backend::BusKind,
+    /// With `--bus ivshmem`: this frontend's RAM, a file the backend was
+    /// given as `--guest-ram` (I/O buffers and rings live in it).
+    #[arg(long, value_name = "FILE")]
+    pub guest_ram: Option<PathBuf>,
     /// Size of the shared window in MiB (rings + bounce pool).
     #[arg(long, default_value_t = 8)]
     pub window_mib: usize,
@@ -314,7 +322,22 @@ pub fn attach_bus(args: &FrontendArgs) -> Result<Bus, Box<dyn std::error::Error>
         doorbells: !args.no_doorbells,
         ..Default::default()
     };
-    let bus: Arc<dyn DriverBus> = Arc::new(LocalDriverBus::connect(&args.socket_path, cfg)?);
+    let bus: Arc<dyn DriverBus> = match args.bus {
+        crate::backend::BusKind::Local => {
+            Arc::new(LocalDriverBus::connect(&args.socket_path, cfg)?)
+        }
+        crate::backend::BusKind::Ivshmem => {
+            let path = args
+                .guest_ram
+                .as_ref()
+                .ok_or("--bus ivshmem needs --guest-ram FILE")?;
+            let ram = ringfence_bus_ivshmem::map_guest_ram(path)?;
+            Arc::new(ringfence_bus_ivshmem::IvshmemDriverBus::connect(
+                &args.socket_path,
+                ram,
+            )?)
+        }
+    };
     let mux = BusMux::new(bus.clone());
     let devices = discover(mux.device(0).as_ref())?;
     if devices.is_empty() {
@@ -323,7 +346,11 @@ pub fn attach_bus(args: &FrontendArgs) -> Result<Bus, Box<dyn std::error::Error>
     // Every view exists before any device is spoken to: the mux drops
     // messages for a device number without one.
     let views = devices.iter().map(|&n| (n, mux.device(n))).collect();
-    let window = bus.share_area(args.window_mib << 20)?;
+    // On ivshmem the one area is the whole RAM (full share).
+    let window = match args.bus {
+        crate::backend::BusKind::Local => bus.share_area(args.window_mib << 20)?,
+        crate::backend::BusKind::Ivshmem => bus.share_area(0)?,
+    };
     let pool =
         install_pool(BouncePool::new(window)).map_err(|_| "bounce pool already installed")?;
     Ok(Bus { views, pool })
