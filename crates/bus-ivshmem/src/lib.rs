@@ -47,6 +47,10 @@ pub const DEVICE_PEER: i64 = 0;
 pub const TO_DEVICE_QUEUE: usize = 0;
 /// Offset of the device → driver queue.
 pub const TO_DRIVER_QUEUE: usize = QUEUE_BYTES;
+/// Written by the server at [`MAGIC_OFFSET`] of the shared memory.
+pub const MAGIC: &[u8; 16] = b"ringfence ivshm1";
+/// Where [`MAGIC`] is: the page after the two queues.
+pub const MAGIC_OFFSET: usize = 2 * QUEUE_BYTES;
 /// The largest message: one slot.
 pub const MAX_MSG_SIZE: usize = SLOT_SIZE;
 /// q35 keeps all RAM below 4 GiB (at file offset = physical address) only
@@ -256,9 +260,9 @@ impl IvshmemServer {
     /// Listens at `path` with `shm_size` bytes of shared memory (a power of
     /// two, as QEMU's BAR needs) and `vectors` interrupt vectors per peer.
     pub fn bind(path: &Path, shm_size: usize, vectors: usize) -> Result<Self, BusError> {
-        if !shm_size.is_power_of_two() || shm_size < 2 * QUEUE_BYTES {
+        if !shm_size.is_power_of_two() || shm_size < 4 * QUEUE_BYTES {
             return Err(BusError::Protocol {
-                reason: format!("shared memory of {shm_size} bytes: a power of two ≥ 8 KiB"),
+                reason: format!("shared memory of {shm_size} bytes: a power of two ≥ 16 KiB"),
             });
         }
         if vectors == 0 || vectors > MAX_VECTORS {
@@ -332,6 +336,13 @@ impl IvshmemServer {
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()
             .map_err(io_err("eventfd"))?;
+        // Fresh queues for a fresh driver, and a mark that says whose
+        // memory this is (a guest can check it through BAR2).
+        let _ = vm_memory::Bytes::write_slice(
+            &vm_memory::VolatileMemory::as_volatile_slice(&*self.shm),
+            MAGIC,
+            MAGIC_OFFSET,
+        );
         // Fresh queues for a fresh driver.
         let _ = vm_memory::Bytes::write_slice(
             &vm_memory::VolatileMemory::as_volatile_slice(&*self.shm),
