@@ -67,6 +67,8 @@ pub enum BenchDevice {
     /// vhost-user-blk backends (ours, qemu-storage-daemon, any other) driven
     /// from this process, compared in one run.
     VhostUser(crate::bench_vhost::VhostBenchArgs),
+    /// The local bus against ivshmem: PING round trip and 4 KiB blk QD1.
+    Bus(crate::bench_bus::BusBenchArgs),
 }
 
 const DEFAULT_SIZES: [usize; 7] = [
@@ -114,6 +116,7 @@ pub fn run(args: BenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
         Some(BenchDevice::Net(a)) => return crate::bench_net::run(a),
         Some(BenchDevice::Vsock(a)) => return crate::bench_vsock::run(a),
         Some(BenchDevice::VhostUser(a)) => return crate::bench_vhost::run(a),
+        Some(BenchDevice::Bus(a)) => return crate::bench_bus::run(a),
         None => {}
     }
     let models = if args.models.is_empty() {

@@ -258,6 +258,21 @@ impl Link {
             return Err("hv-copy needs a broker that both sides use".into());
         }
         let bus: Arc<dyn DriverBus> = Arc::new(local);
+        let service_pids = std::iter::once(backend_pid)
+            .chain(broker.map(|(_, pid)| pid))
+            .collect();
+        Self::over(bus, service_pids, mode, spin, models)
+    }
+
+    /// Sets a link up over `bus`, any bus (the backend's processes are
+    /// `service_pids`, for CPU accounting).
+    pub fn over(
+        bus: Arc<dyn DriverBus>,
+        service_pids: Vec<u32>,
+        mode: Mode,
+        spin: Duration,
+        models: &[ModelKind],
+    ) -> Result<Self, SetupError> {
         let dev = *discover(bus.as_ref())?
             .first()
             .ok_or("no device on the bus")?;
@@ -289,9 +304,7 @@ impl Link {
             spin,
             driver,
             waiter,
-            service_pids: std::iter::once(backend_pid)
-                .chain(broker.map(|(_, pid)| pid))
-                .collect(),
+            service_pids,
             window: window.clone(),
             models: Vec::new(),
             id_buf,

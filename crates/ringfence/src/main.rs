@@ -3,6 +3,7 @@
 mod backend;
 mod bench;
 mod bench_blk;
+mod bench_bus;
 mod bench_net;
 mod bench_report;
 mod bench_vhost;
