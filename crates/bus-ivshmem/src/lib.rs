@@ -33,8 +33,8 @@ use ringfence_bus::{
     AreaId, BusError, BusLimits, DeviceBus, DeviceBusEvent, Doorbell, DoorbellDirection, DriverBus,
     LocalArea, SharedArea,
 };
+use ringfence_bus_local::{check_sealed_memfd, sealed_memfd, EventFdDoorbell};
 use vm_memory::{FileOffset, MmapRegion};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use queue::{Consumer, Producer, QUEUE_BYTES, SLOT_SIZE};
@@ -56,8 +56,11 @@ pub const MAX_MSG_SIZE: usize = SLOT_SIZE;
 /// q35 keeps all RAM below 4 GiB (at file offset = physical address) only
 /// up to this size; beyond it RAM is split around the PCI hole.
 pub const Q35_LOWMEM_LIMIT: u64 = 0xB000_0000;
-/// How long a sender waits for room in a full queue.
-const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a sender waits for room in a full queue (a paused guest is not
+/// a dead one).
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to hand over its set-up.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most vectors a peer may have (QEMU's ivshmem-server has the same bound).
 pub const MAX_VECTORS: usize = 64;
 
@@ -145,10 +148,12 @@ struct Endpoint {
     stream: UnixStream,
     rx: Mutex<Consumer>,
     tx: Mutex<Producer>,
-    /// Our vectors: rung by the peer.
-    own: Vec<EventFd>,
+    /// Our vectors: rung by the peer. The peer shares these descriptors,
+    /// so they are only ever read without blocking and written when poll
+    /// says a write will not block (`EventFdDoorbell`).
+    own: Vec<EventFdDoorbell>,
     /// The peer's vector 0: we ring it.
-    peer: EventFd,
+    peer: EventFdDoorbell,
     /// A corrupt queue was reported: look again only after a doorbell.
     wait_first: AtomicBool,
     stats: Arc<IvshmemStats>,
@@ -176,13 +181,13 @@ impl Endpoint {
                 break;
             }
             // Full: the peer has not read; ring again and give it time.
-            let _ = self.peer.write(1);
+            let _ = self.peer.ring();
             if Instant::now() >= deadline {
                 return Err(BusError::Timeout(SEND_TIMEOUT));
             }
-            std::thread::sleep(Duration::from_micros(100));
+            std::thread::sleep(Duration::from_millis(1));
         }
-        self.peer.write(1).map_err(io_err("ring the peer"))
+        self.peer.ring()
     }
 
     /// The next message into `buf`, waiting at most `timeout`; `Ok(None)`
@@ -222,11 +227,11 @@ impl Endpoint {
             if left.is_some_and(|l| l.is_zero()) {
                 return Ok(None);
             }
-            let mut fds: Vec<RawFd> = self.own.iter().map(|e| e.as_raw_fd()).collect();
+            let mut fds: Vec<RawFd> = self.own.iter().map(|e| e.raw_fd()).collect();
             fds.push(self.stream.as_raw_fd());
             let ready = poll_fds(&fds, left)?;
             for (e, r) in self.own.iter().zip(&ready) {
-                if *r && e.read().is_ok() {
+                if *r && e.try_clear()? {
                     self.stats.doorbells.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -249,16 +254,31 @@ impl Endpoint {
 pub struct IvshmemServer {
     listener: UnixListener,
     path: PathBuf,
-    shm_file: File,
-    shm: Arc<MmapRegion>,
+    shm_size: usize,
     vectors: usize,
-    own: Vec<EventFd>,
     next_id: i64,
 }
 
+/// The shared memory of one session: a sealed memfd, mapped here.
+fn new_shared_memory(size: usize) -> Result<(File, Arc<MmapRegion>), BusError> {
+    let file = sealed_memfd("ringfence-ivshmem", size).map_err(io_err("memfd_create"))?;
+    let mapping = MmapRegion::build(
+        Some(FileOffset::new(file.try_clone().map_err(io_err("dup"))?, 0)),
+        size,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED,
+    )
+    .map(Arc::new)
+    .map_err(|e| BusError::Protocol {
+        reason: format!("mmap of shared memory failed: {e}"),
+    })?;
+    Ok((file, mapping))
+}
+
 impl IvshmemServer {
-    /// Listens at `path` with `shm_size` bytes of shared memory (a power of
-    /// two, as QEMU's BAR needs) and `vectors` interrupt vectors per peer.
+    /// Listens at `path` (owner-only) with `shm_size` bytes of shared
+    /// memory per session (a power of two, as QEMU's BAR needs) and
+    /// `vectors` interrupt vectors per peer.
     pub fn bind(path: &Path, shm_size: usize, vectors: usize) -> Result<Self, BusError> {
         if !shm_size.is_power_of_two() || shm_size < 4 * QUEUE_BYTES {
             return Err(BusError::Protocol {
@@ -272,89 +292,71 @@ impl IvshmemServer {
         }
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).map_err(io_err("bind"))?;
-        let name = std::ffi::CString::new("ringfence-ivshmem").map_err(|_| BusError::Protocol {
-            reason: "memfd name".into(),
-        })?;
-        // SAFETY: a valid NUL-terminated name; flags only.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(BusError::io(
-                "memfd_create",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: memfd_create returned a new descriptor nobody else owns.
-        let shm_file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        shm_file
-            .set_len(shm_size as u64)
-            .map_err(io_err("size shared memory"))?;
-        let shm = MmapRegion::build(
-            Some(FileOffset::new(
-                shm_file.try_clone().map_err(io_err("dup"))?,
-                0,
-            )),
-            shm_size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-        )
-        .map(Arc::new)
-        .map_err(|e| BusError::Protocol {
-            reason: format!("mmap of shared memory failed: {e}"),
-        })?;
-        let own = (0..vectors)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(io_err("eventfd"))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err("chmod"))?;
         Ok(Self {
             listener,
             path: path.to_path_buf(),
-            shm_file,
-            shm,
+            shm_size,
             vectors,
-            own,
             next_id: 1,
         })
     }
 
-    /// The shared memory, as this side maps it.
-    pub fn shared_memory(&self) -> Arc<MmapRegion> {
-        self.shm.clone()
-    }
-
     /// Waits for the next client (a QEMU ivshmem device or a Ringfence
-    /// frontend), hands it the shared memory and the doorbells, and returns
-    /// the device side's bus for it. `guest_ram` is what its addresses
-    /// reach.
+    /// frontend) and sets up a session of its own: fresh shared memory and
+    /// fresh doorbells, so nothing a former client kept reaches it.
+    /// `guest_ram` is what its addresses reach. Returns `Ok(None)` when
+    /// `stop()` says so (it is asked every 200 ms while waiting).
     pub fn accept(
         &mut self,
         guest_ram: Option<Arc<MmapRegion>>,
-    ) -> Result<IvshmemDeviceBus, BusError> {
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<IvshmemDeviceBus>, BusError> {
+        loop {
+            if stop() {
+                return Ok(None);
+            }
+            let ready = poll_fds(
+                &[self.listener.as_raw_fd()],
+                Some(Duration::from_millis(200)),
+            )?;
+            if ready.first().copied().unwrap_or(false) {
+                break;
+            }
+        }
         let (stream, _) = self.listener.accept().map_err(io_err("accept"))?;
         let id = self.next_id;
         self.next_id = if id >= i64::from(u16::MAX) { 1 } else { id + 1 };
-        let peer = (0..self.vectors)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(io_err("eventfd"))?;
-        // Fresh queues for a fresh driver, and a mark that says whose
-        // memory this is (a guest can check it through BAR2).
+        let (shm_file, shm) = new_shared_memory(self.shm_size)?;
+        let new_vectors = || {
+            (0..self.vectors)
+                .map(|_| EventFdDoorbell::new())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(io_err("eventfd"))
+        };
+        let own = new_vectors()?;
+        let mut peer = new_vectors()?;
+        // A mark that says whose memory this is (a guest can check it
+        // through BAR2).
         let _ = vm_memory::Bytes::write_slice(
-            &vm_memory::VolatileMemory::as_volatile_slice(&*self.shm),
+            &vm_memory::VolatileMemory::as_volatile_slice(&*shm),
             MAGIC,
             MAGIC_OFFSET,
         );
-        // Fresh queues for a fresh driver.
-        let _ = vm_memory::Bytes::write_slice(
-            &vm_memory::VolatileMemory::as_volatile_slice(&*self.shm),
-            &[0u8; 2 * QUEUE_BYTES],
-            0,
-        );
-        let rx = Consumer::new(self.shm.clone(), TO_DEVICE_QUEUE).ok_or(BusError::Protocol {
+        let rx = Consumer::new(shm.clone(), TO_DEVICE_QUEUE).ok_or(BusError::Protocol {
             reason: "shared memory too small".into(),
         })?;
-        let tx = Producer::new(self.shm.clone(), TO_DRIVER_QUEUE).ok_or(BusError::Protocol {
+        let tx = Producer::new(shm.clone(), TO_DRIVER_QUEUE).ok_or(BusError::Protocol {
             reason: "shared memory too small".into(),
         })?;
+        // At most 3 + 2 × 64 eight-byte messages, well within a socket
+        // buffer: sent without blocking, so a client that shrank its buffer
+        // and does not read is dropped instead of stalling the server.
+        stream
+            .set_nonblocking(true)
+            .map_err(io_err("nonblocking"))?;
         let send = |v: i64, fd: Option<RawFd>| -> Result<(), BusError> {
             let bytes = v.to_le_bytes();
             let n = match fd {
@@ -377,31 +379,21 @@ impl IvshmemServer {
         };
         send(PROTOCOL_VERSION, None)?;
         send(id, None)?;
-        send(-1, Some(self.shm_file.as_raw_fd()))?;
-        for e in &self.own {
-            send(DEVICE_PEER, Some(e.as_raw_fd()))?;
+        send(-1, Some(shm_file.as_raw_fd()))?;
+        for e in &own {
+            send(DEVICE_PEER, Some(e.raw_fd()))?;
         }
         for e in &peer {
-            send(id, Some(e.as_raw_fd()))?;
+            send(id, Some(e.raw_fd()))?;
         }
         tracing::info!(peer = id, vectors = self.vectors, "ivshmem client attached");
-        let own = self
-            .own
-            .iter()
-            .map(|e| e.try_clone())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(io_err("dup eventfd"))?;
-        let ring = peer
-            .first()
-            .ok_or(BusError::Protocol {
+        if peer.is_empty() {
+            return Err(BusError::Protocol {
                 reason: "no vector".into(),
-            })?
-            .try_clone()
-            .map_err(io_err("dup eventfd"))?;
-        stream
-            .set_nonblocking(true)
-            .map_err(io_err("nonblocking"))?;
-        Ok(IvshmemDeviceBus {
+            });
+        }
+        let ring = peer.swap_remove(0);
+        Ok(Some(IvshmemDeviceBus {
             end: Endpoint {
                 stream,
                 rx: Mutex::new(rx),
@@ -413,7 +405,7 @@ impl IvshmemServer {
             },
             ram: Mutex::new(guest_ram),
             peer_id: id,
-        })
+        }))
     }
 }
 
@@ -518,11 +510,20 @@ impl IvshmemDriverBus {
             });
         }
         let (id, _) = recv_i64(&stream)?;
+        if id <= DEVICE_PEER || id > i64::from(u16::MAX) {
+            return Err(BusError::Protocol {
+                reason: format!("ivshmem peer id {id}"),
+            });
+        }
         let (minus_one, shm) = recv_i64(&stream)?;
         let shm = shm.filter(|_| minus_one == -1).ok_or(BusError::Protocol {
             reason: "no shared memory from the ivshmem server".into(),
         })?;
         let size = shm.metadata().map_err(io_err("stat shared memory"))?.len();
+        // Sealed shmem: the server cannot shrink it under our mapping.
+        check_sealed_memfd(&shm, size).map_err(|reason| BusError::Protocol {
+            reason: format!("ivshmem shared memory: {reason}"),
+        })?;
         let shm = MmapRegion::build(
             Some(FileOffset::new(shm, 0)),
             usize::try_from(size).unwrap_or(0),
@@ -533,23 +534,33 @@ impl IvshmemDriverBus {
         .map_err(|e| BusError::Protocol {
             reason: format!("mmap of shared memory failed: {e}"),
         })?;
-        // Peers' vectors, then our own; ours complete the set-up.
-        let mut device: Vec<EventFd> = Vec::new();
-        let mut own: Vec<EventFd> = Vec::new();
+        // Peers' vectors, then our own; ours complete the set-up, within a
+        // bounded time and number of messages.
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        let mut device: Vec<EventFdDoorbell> = Vec::new();
+        let mut own: Vec<EventFdDoorbell> = Vec::new();
+        let mut messages = 0usize;
         while own.is_empty() || device.is_empty() || own.len() < device.len() {
+            messages += 1;
+            if Instant::now() > deadline || messages > 4 * MAX_VECTORS + 8 {
+                return Err(BusError::Protocol {
+                    reason: "the ivshmem server did not finish the set-up".into(),
+                });
+            }
             let (peer, fd) = recv_i64(&stream)?;
             let Some(fd) = fd else {
                 continue; // a peer left
             };
-            // SAFETY: the descriptor was just received and is owned by `fd`.
-            let e = unsafe {
-                <EventFd as std::os::fd::FromRawFd>::from_raw_fd(
-                    std::os::fd::IntoRawFd::into_raw_fd(fd),
-                )
-            };
+            if peer != id && peer != DEVICE_PEER {
+                continue; // another VM: not ours to ring
+            }
+            // Only a real eventfd is used as a doorbell.
+            let e = EventFdDoorbell::from_peer(fd).map_err(|reason| BusError::Protocol {
+                reason: format!("ivshmem vector of peer {peer}: {reason}"),
+            })?;
             if peer == id {
                 own.push(e);
-            } else if peer == DEVICE_PEER {
+            } else {
                 device.push(e);
             }
             if own.len() > MAX_VECTORS || device.len() > MAX_VECTORS {

@@ -27,7 +27,9 @@ use ringfence_bus::{
 use ringfence_virtio_msg::consts::{ABSOLUTE_MAX_MSG_SIZE, MIN_USABLE_MSG_SIZE};
 use vm_memory::{FileOffset, MmapRegion};
 
-pub use sys::{poll_readable, sealed_memfd, EventFdDoorbell, Listener, Seqpacket};
+pub use sys::{
+    check_sealed_memfd, poll_readable, sealed_memfd, EventFdDoorbell, Listener, Seqpacket,
+};
 use wire::{LocalMsg, WireError};
 
 use broker::{BrokerClient, CopyDirection};
@@ -642,7 +644,8 @@ impl LocalDriverBus {
     fn take_area_id(&self) -> Result<AreaId, BusError> {
         let mut ids = self.area_ids.lock().unwrap_or_else(|p| p.into_inner());
         // Ids in use are ascending from 1: the first gap is free.
-        let id = (1..=AreaId::MAX)
+        // Area 0xFFFF is never handed out: drivers use it for "no buffer".
+        let id = (1..AreaId::MAX)
             .zip(ids.iter().copied().chain(std::iter::repeat(0)))
             .find(|&(want, have)| want != have)
             .map(|(want, _)| want)

@@ -141,8 +141,14 @@ impl BouncePool {
         // In area 0 (a bus that shares physical memory whole, as ivshmem
         // does) the first page would have device address 0, which
         // `virtio-drivers` reads as "no memory": it is never handed out.
+        // Marked used without a run, so that no free() can release them.
         if area.id == 0 {
-            let _ = slots.alloc(4096usize.div_ceil(SLOT_SIZE).min(n), 1);
+            let reserved = 4096usize.div_ceil(SLOT_SIZE).min(n);
+            for u in slots.used.iter_mut().take(reserved) {
+                *u = true;
+            }
+            slots.in_use += reserved;
+            slots.hint = reserved;
         }
         Self {
             area,

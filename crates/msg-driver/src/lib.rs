@@ -877,6 +877,10 @@ pub fn pool() -> Option<&'static BouncePool> {
 #[derive(Debug)]
 pub struct BounceHal;
 
+/// The address handed to the device for a buffer that could not be
+/// bounced: in area 0xFFFF, which no bus shares.
+pub const UNSHARED_ADDR: u64 = 0xFFFF << ringfence_bus::AREA_SHIFT;
+
 // SAFETY: dma_alloc returns zeroed, page-aligned memory inside the shared
 // window, which stays mapped for the life of the process (the pool is static)
 // and is reachable by the device at the returned address; share() returns a
@@ -910,15 +914,17 @@ unsafe impl Hal for BounceHal {
             direction,
             BufferDirection::DriverToDevice | BufferDirection::Both
         );
-        // An exhausted pool yields address 0, which lies in no shared area: the
-        // device fails the request with an error status instead of the driver panicking.
+        // An exhausted pool yields an address in an area no bus ever shares
+        // (not 0: on a bus that shares physical memory whole, 0 is memory):
+        // the device fails the request with an error status instead of the
+        // driver panicking.
         pool()
             .and_then(|p| p.map(buf, device_reads).ok())
-            .unwrap_or(0)
+            .unwrap_or(UNSHARED_ADDR)
     }
 
     unsafe fn unshare(paddr: PhysAddr, mut buffer: NonNull<[u8]>, direction: BufferDirection) {
-        if paddr == 0 {
+        if paddr == UNSHARED_ADDR {
             return;
         }
         let device_wrote = matches!(

@@ -136,16 +136,13 @@ pub fn sandbox(
     profile: ringfence_sandbox::Profile,
     devices: &[DeviceArgs],
     disabled: bool,
-    broker: bool,
+    more: ringfence_sandbox::Extras,
 ) -> Result<(), ringfence_sandbox::SandboxError> {
     if disabled {
         tracing::warn!("running without the seccomp sandbox");
         return Ok(());
     }
-    let mut extras = ringfence_sandbox::Extras {
-        broker,
-        ..Default::default()
-    };
+    let mut extras = more;
     for d in devices {
         match d {
             DeviceArgs::Rng {
@@ -193,7 +190,10 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
         ringfence_sandbox::Profile::Backend,
         &list,
         args.no_sandbox,
-        args.broker.is_some(),
+        ringfence_sandbox::Extras {
+            broker: args.broker.is_some(),
+            ..Default::default()
+        },
     )?;
     tracing::info!(socket = %args.socket_path.display(), pid = std::process::id(), max_connections = args.max_connections, "backend listening");
     let stats = Arc::new(BackendStats::default());
@@ -269,12 +269,26 @@ fn run_ivshmem(
         ringfence_sandbox::Profile::Backend,
         list,
         args.no_sandbox,
-        false,
+        ringfence_sandbox::Extras {
+            memfd: true,
+            ..Default::default()
+        },
     )?;
     tracing::info!(socket = %args.socket_path.display(), pid = std::process::id(), shm_size = args.shm_size, vectors = args.vectors, "ivshmem server listening (device side is peer 0)");
     let stats = Arc::new(BackendStats::default());
-    while !STOP.load(Ordering::SeqCst) {
-        let bus = server.accept(Some(ram.clone()))?;
+    let stop = || STOP.load(Ordering::SeqCst);
+    loop {
+        let bus = match server.accept(Some(ram.clone()), &stop) {
+            Ok(Some(bus)) => bus,
+            Ok(None) => break,
+            Err(e) => {
+                // A client that left during set-up, or out of descriptors:
+                // the server serves on.
+                stats.connections_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "ivshmem client set-up failed");
+                continue;
+            }
+        };
         stats.connections.fetch_add(1, Ordering::Relaxed);
         let ivshmem = bus.stats();
         let devices = templates
@@ -283,7 +297,21 @@ fn run_ivshmem(
             .collect::<Result<Vec<_>, _>>()?;
         let mut backend = Backend::with_stats(devices, stats.clone());
         backend.set_poll(Duration::from_micros(args.poll_us));
-        if let Err(e) = backend.serve(Arc::new(bus)) {
+        // Served on its own thread, so that SIGTERM ends the process even
+        // while a client stays connected.
+        let served = std::thread::Builder::new()
+            .name("ivshmem".into())
+            .spawn(move || backend.serve(Arc::new(bus)))?;
+        while !served.is_finished() && !stop() {
+            if DUMP.swap(false, Ordering::SeqCst) {
+                println!("backend stats: {stats}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !served.is_finished() {
+            break;
+        }
+        if let Ok(Err(e)) = served.join() {
             stats.connections_failed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "ivshmem driver connection failed");
         }

@@ -84,7 +84,7 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         ringfence_sandbox::Profile::VhostUser,
         std::slice::from_ref(&args.device),
         args.no_sandbox,
-        false,
+        ringfence_sandbox::Extras::default(),
     )?;
     tracing::info!(?policy, "vhost-user backend listening");
     loop {

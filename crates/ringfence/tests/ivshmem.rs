@@ -198,7 +198,7 @@ fn a_hostile_ivshmem_peer_is_counted_and_survived() {
     // A head outside the ring.
     p.put_u32(to_dev, 1000);
     p.ring();
-    std::thread::sleep(Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(300));
     // A garbage slot.
     p.shm
         .as_volatile_slice()

@@ -41,6 +41,8 @@ pub struct Extras {
     /// Grants for copy: connecting to the broker, learning the frontend's
     /// process id (`SO_PEERCRED`) and creating staging memory (a memfd).
     pub broker: bool,
+    /// Creating shared memory per session (the ivshmem server).
+    pub memfd: bool,
 }
 
 /// The sandbox could not be installed.
@@ -197,8 +199,10 @@ pub fn rules_with(
     if extras.unix_connect || extras.broker {
         rules.insert(libc::SYS_connect, Vec::new());
     }
-    if extras.broker {
+    if extras.broker || extras.memfd {
         rules.extend([libc::SYS_memfd_create, libc::SYS_ftruncate].map(|n| (n, Vec::new())));
+    }
+    if extras.broker {
         // SO_PEERCRED only (the frontend's process id), not any option.
         if profile != Profile::VhostUser {
             rules.insert(
