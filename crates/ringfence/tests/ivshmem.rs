@@ -260,3 +260,96 @@ fn a_hostile_ivshmem_peer_is_counted_and_survived() {
     assert!((1..=2).contains(&dropped), "the corrupt head: {stats}");
     assert!(stats.contains("malformed=1"), "the garbage slot: {stats}");
 }
+
+/// A PING in slot `i` of the driver -> device queue, head moved past it, rung.
+fn send_ping(p: &RawPeer, i: usize, data: u32) {
+    let mut ping = [0u8; 64];
+    Message {
+        dev_num: 0,
+        token: 1,
+        body: Body::Ping { data },
+    }
+    .encode(&mut ping)
+    .unwrap();
+    p.shm
+        .as_volatile_slice()
+        .write_slice(&ping, p.slot(0, i))
+        .unwrap();
+    p.put_u32(0, (i + 1) as u32);
+    p.ring();
+}
+
+#[test]
+fn a_former_client_reaches_nothing_of_the_next_session_and_sigterm_ends_the_server() {
+    let env = Env::new("ivshmem-sessions");
+    let ram = ram(&env, 16);
+    let socket = env.dir.join("ivshmem.sock");
+    let be = Command::new(BIN)
+        .args(["backend", "--bus", "ivshmem", "--socket-path"])
+        .arg(&socket)
+        .arg("--guest-ram")
+        .arg(&ram)
+        .arg("rng")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "ivshmem server did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Only its owner may connect.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // A connects, then leaves, keeping its mapping and its doorbell.
+    let a = raw_peer(&socket);
+    let RawPeer {
+        _stream,
+        shm: a_shm,
+        ring_device: a_ring,
+        own: a_own,
+    } = a;
+    drop(_stream);
+    std::thread::sleep(Duration::from_millis(300));
+    // B is the next VM.
+    let b = raw_peer(&socket);
+    // A writes a request into what it still maps and rings what it kept.
+    let a = RawPeer {
+        _stream: UnixStream::pair().unwrap().0,
+        shm: a_shm,
+        ring_device: a_ring,
+        own: a_own,
+    };
+    send_ping(&a, 0, 0xBAD);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(a.get_u32(4096), 0, "the backend answered a former client");
+    assert_eq!(b.get_u32(0), 0, "A's request landed in B's queue");
+    // B is served.
+    send_ping(&b, 0, 0x600D);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.get_u32(4096) == 0 {
+        assert!(Instant::now() < deadline, "B not served");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut pong = [0u8; 64];
+    b.shm
+        .as_volatile_slice()
+        .read_slice(&mut pong, b.slot(4096, 0))
+        .unwrap();
+    assert_eq!(decode(&pong).unwrap().body, Body::Pong { data: 0x600D });
+    // SIGTERM ends the server while B is still attached.
+    // SAFETY: plain kill(2) on a child we started.
+    unsafe { libc::kill(be.id() as i32, libc::SIGTERM) };
+    let started = Instant::now();
+    let out = be.wait_with_output().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "SIGTERM ignored"
+    );
+    let stats = String::from_utf8_lossy(&out.stdout);
+    assert!(stats.contains("connections=2"), "{stats}");
+    drop(b);
+}
