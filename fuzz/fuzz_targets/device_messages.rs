@@ -102,7 +102,11 @@ impl FakeBus {
                 let size = (usize::from(input.u8() % 16) + 1) * 4096;
                 let mapping = Arc::new(MmapRegion::new(size).expect("anonymous mapping"));
                 areas.insert(id, mapping.clone());
-                DeviceBusEvent::AreaShared(SharedArea { id, mapping })
+                DeviceBusEvent::AreaShared(SharedArea {
+                    id,
+                    mapping,
+                    copier: None,
+                })
             }
             3 => {
                 let id = area_id(&mut input);

@@ -240,10 +240,10 @@ pub fn body<'a>(input: &mut Input<'a>) -> Body<'a> {
         28 => Body::Pong { data: input.u32() },
         29 => Body::EventDevice {
             device_number: input.u16(),
-            state: if input.u8() & 1 == 0 {
-                DeviceState::Ready
-            } else {
-                DeviceState::Removed
+            state: match input.u8() % 3 {
+                0 => DeviceState::Ready,
+                1 => DeviceState::Removed,
+                _ => DeviceState::Implementation(0x8000 | input.u16()),
             },
         },
         _ => Body::BusSpecific {
