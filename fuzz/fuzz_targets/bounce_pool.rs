@@ -21,7 +21,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use ringfence_bus::{area_addr, split_area_addr, LocalArea};
 use ringfence_fuzz::Input;
-use ringfence_msg_driver::bounce::SLOT_SIZE;
+use ringfence_msg_driver::bounce::{RESERVED_IN_AREA_0, SLOT_SIZE};
 use ringfence_msg_driver::{BounceError, BouncePool};
 use vm_memory::MmapRegion;
 
@@ -35,6 +35,8 @@ struct Live {
 struct Model {
     id: u16,
     total_slots: usize,
+    /// Slots the pool never hands out (the first page of area 0).
+    reserved: usize,
     /// Device address -> allocation.
     live: BTreeMap<u64, Live>,
 }
@@ -50,10 +52,11 @@ impl Model {
     }
 
     fn slot_free(&self, slot: usize) -> bool {
-        self.live.iter().all(|(&a, l)| {
-            let start = split_area_addr(a).1 as usize / SLOT_SIZE;
-            !(start..start + l.slots).contains(&slot)
-        })
+        slot >= self.reserved
+            && self.live.iter().all(|(&a, l)| {
+                let start = split_area_addr(a).1 as usize / SLOT_SIZE;
+                !(start..start + l.slots).contains(&slot)
+            })
     }
 
     /// Is there a free run of `slots` starting at a multiple of `align` slots?
@@ -87,9 +90,15 @@ fuzz_target!(|data: &[u8]| {
     let id = u16::from(input.u8());
     let mapping = Arc::new(MmapRegion::new(size).unwrap());
     let pool = BouncePool::new(LocalArea { id, mapping });
+    let total_slots = size / SLOT_SIZE;
     let mut model = Model {
         id,
-        total_slots: size / SLOT_SIZE,
+        total_slots,
+        reserved: if id == 0 {
+            RESERVED_IN_AREA_0.div_ceil(SLOT_SIZE).min(total_slots)
+        } else {
+            0
+        },
         live: BTreeMap::new(),
     };
 

@@ -160,6 +160,24 @@ struct Endpoint {
 }
 
 impl Endpoint {
+    fn new(
+        stream: UnixStream,
+        rx: Consumer,
+        tx: Producer,
+        own: Vec<EventFdDoorbell>,
+        peer: EventFdDoorbell,
+    ) -> Self {
+        Self {
+            stream,
+            rx: Mutex::new(rx),
+            tx: Mutex::new(tx),
+            own,
+            peer,
+            wait_first: AtomicBool::new(false),
+            stats: Arc::new(IvshmemStats::default()),
+        }
+    }
+
     fn send(&self, msg: &[u8]) -> Result<(), BusError> {
         if msg.len() > MAX_MSG_SIZE {
             return Err(BusError::TooLarge {
@@ -394,15 +412,7 @@ impl IvshmemServer {
         }
         let ring = peer.swap_remove(0);
         Ok(Some(IvshmemDeviceBus {
-            end: Endpoint {
-                stream,
-                rx: Mutex::new(rx),
-                tx: Mutex::new(tx),
-                own,
-                peer: ring,
-                wait_first: AtomicBool::new(false),
-                stats: Arc::new(IvshmemStats::default()),
-            },
+            end: Endpoint::new(stream, rx, tx, own, ring),
             ram: Mutex::new(guest_ram),
             peer_id: id,
         }))
@@ -581,15 +591,7 @@ impl IvshmemDriverBus {
         let peer = device.swap_remove(0);
         tracing::info!(peer = id, "attached to the ivshmem server");
         Ok(Self {
-            end: Endpoint {
-                stream,
-                rx: Mutex::new(rx),
-                tx: Mutex::new(tx),
-                own,
-                peer,
-                wait_first: AtomicBool::new(false),
-                stats: Arc::new(IvshmemStats::default()),
-            },
+            end: Endpoint::new(stream, rx, tx, own, peer),
             ram,
             ram_handed_out: AtomicBool::new(false),
             peer_id: id,

@@ -38,6 +38,7 @@ use ringfence_bus::{AreaRange, BusError, MAX_COPY_RANGES};
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 use crate::sys::{self, Listener, Seqpacket};
+use crate::wire::{le32, le64};
 
 const OP_STAGING: u8 = 1;
 const OP_GRANT: u8 = 2;
@@ -90,18 +91,6 @@ pub struct CopyRange {
     pub staging_offset: u64,
     /// Bytes.
     pub len: u64,
-}
-
-fn le32(p: &[u8], at: usize) -> u32 {
-    p.get(at..at + 4)
-        .and_then(|s| s.try_into().ok())
-        .map_or(0, u32::from_le_bytes)
-}
-
-fn le64(p: &[u8], at: usize) -> u64 {
-    p.get(at..at + 8)
-        .and_then(|s| s.try_into().ok())
-        .map_or(0, u64::from_le_bytes)
 }
 
 fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {

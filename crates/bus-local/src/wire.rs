@@ -106,17 +106,17 @@ pub enum LocalMsg {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireError(pub String);
 
-fn le16(p: &[u8], at: usize) -> u16 {
+pub(crate) fn le16(p: &[u8], at: usize) -> u16 {
     p.get(at..at + 2)
         .and_then(|s| s.try_into().ok())
         .map_or(0, u16::from_le_bytes)
 }
-fn le32(p: &[u8], at: usize) -> u32 {
+pub(crate) fn le32(p: &[u8], at: usize) -> u32 {
     p.get(at..at + 4)
         .and_then(|s| s.try_into().ok())
         .map_or(0, u32::from_le_bytes)
 }
-fn le64(p: &[u8], at: usize) -> u64 {
+pub(crate) fn le64(p: &[u8], at: usize) -> u64 {
     p.get(at..at + 8)
         .and_then(|s| s.try_into().ok())
         .map_or(0, u64::from_le_bytes)

@@ -11,6 +11,9 @@ use vm_memory::{MmapRegion, VolatileMemory, VolatileSlice};
 
 /// Granule of the pool.
 pub const SLOT_SIZE: usize = 512;
+/// Bytes at the start of area 0 (physical memory shared whole) that are
+/// never handed out: their first has device address 0.
+pub const RESERVED_IN_AREA_0: usize = 4096;
 
 /// Errors of the bounce pool.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -141,13 +144,13 @@ impl BouncePool {
         // In area 0 (a bus that shares physical memory whole, as ivshmem
         // does) the first page would have device address 0, which
         // `virtio-drivers` reads as "no memory": it is never handed out.
-        // Marked used without a run, so that no free() can release them.
+        // Marked used without a run, so that no free() can release them
+        // (and not counted in `in_use`, which is what callers hold).
         if area.id == 0 {
-            let reserved = 4096usize.div_ceil(SLOT_SIZE).min(n);
+            let reserved = RESERVED_IN_AREA_0.div_ceil(SLOT_SIZE).min(n);
             for u in slots.used.iter_mut().take(reserved) {
                 *u = true;
             }
-            slots.in_use += reserved;
             slots.hint = reserved;
         }
         Self {
