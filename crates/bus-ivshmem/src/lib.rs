@@ -277,11 +277,10 @@ pub struct IvshmemServer {
     next_id: i64,
 }
 
-/// The shared memory of one session: a sealed memfd, mapped here.
-fn new_shared_memory(size: usize) -> Result<(File, Arc<MmapRegion>), BusError> {
-    let file = sealed_memfd("ringfence-ivshmem", size).map_err(io_err("memfd_create"))?;
-    let mapping = MmapRegion::build(
-        Some(FileOffset::new(file.try_clone().map_err(io_err("dup"))?, 0)),
+/// Maps `size` bytes of the shared memory `file`, shared.
+fn map_shared(file: File, size: usize) -> Result<Arc<MmapRegion>, BusError> {
+    MmapRegion::build(
+        Some(FileOffset::new(file, 0)),
         size,
         libc::PROT_READ | libc::PROT_WRITE,
         libc::MAP_SHARED,
@@ -289,7 +288,27 @@ fn new_shared_memory(size: usize) -> Result<(File, Arc<MmapRegion>), BusError> {
     .map(Arc::new)
     .map_err(|e| BusError::Protocol {
         reason: format!("mmap of shared memory failed: {e}"),
-    })?;
+    })
+}
+
+/// This side's ends of the two queues in `shm`.
+fn queues(
+    shm: &Arc<MmapRegion>,
+    rx_at: usize,
+    tx_at: usize,
+) -> Result<(Consumer, Producer), BusError> {
+    let small = || BusError::Protocol {
+        reason: "shared memory too small".into(),
+    };
+    let rx = Consumer::new(shm.clone(), rx_at).ok_or_else(small)?;
+    let tx = Producer::new(shm.clone(), tx_at).ok_or_else(small)?;
+    Ok((rx, tx))
+}
+
+/// The shared memory of one session: a sealed memfd, mapped here.
+fn new_shared_memory(size: usize) -> Result<(File, Arc<MmapRegion>), BusError> {
+    let file = sealed_memfd("ringfence-ivshmem", size).map_err(io_err("memfd_create"))?;
+    let mapping = map_shared(file.try_clone().map_err(io_err("dup"))?, size)?;
     Ok((file, mapping))
 }
 
@@ -363,12 +382,7 @@ impl IvshmemServer {
             MAGIC,
             MAGIC_OFFSET,
         );
-        let rx = Consumer::new(shm.clone(), TO_DEVICE_QUEUE).ok_or(BusError::Protocol {
-            reason: "shared memory too small".into(),
-        })?;
-        let tx = Producer::new(shm.clone(), TO_DRIVER_QUEUE).ok_or(BusError::Protocol {
-            reason: "shared memory too small".into(),
-        })?;
+        let (rx, tx) = queues(&shm, TO_DEVICE_QUEUE, TO_DRIVER_QUEUE)?;
         // At most 3 + 2 × 64 eight-byte messages, well within a socket
         // buffer: sent without blocking, so a client that shrank its buffer
         // and does not read is dropped instead of stalling the server.
@@ -534,16 +548,10 @@ impl IvshmemDriverBus {
         check_sealed_memfd(&shm, size).map_err(|reason| BusError::Protocol {
             reason: format!("ivshmem shared memory: {reason}"),
         })?;
-        let shm = MmapRegion::build(
-            Some(FileOffset::new(shm, 0)),
-            usize::try_from(size).unwrap_or(0),
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-        )
-        .map(Arc::new)
-        .map_err(|e| BusError::Protocol {
-            reason: format!("mmap of shared memory failed: {e}"),
+        let size = usize::try_from(size).map_err(|_| BusError::Protocol {
+            reason: "shared memory too large".into(),
         })?;
+        let shm = map_shared(shm, size)?;
         // Peers' vectors, then our own; ours complete the set-up, within a
         // bounded time and number of messages.
         let deadline = Instant::now() + SETUP_TIMEOUT;
@@ -579,12 +587,7 @@ impl IvshmemDriverBus {
                 });
             }
         }
-        let rx = Consumer::new(shm.clone(), TO_DRIVER_QUEUE).ok_or(BusError::Protocol {
-            reason: "shared memory too small".into(),
-        })?;
-        let tx = Producer::new(shm.clone(), TO_DEVICE_QUEUE).ok_or(BusError::Protocol {
-            reason: "shared memory too small".into(),
-        })?;
+        let (rx, tx) = queues(&shm, TO_DRIVER_QUEUE, TO_DEVICE_QUEUE)?;
         stream
             .set_nonblocking(true)
             .map_err(io_err("nonblocking"))?;

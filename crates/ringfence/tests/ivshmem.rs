@@ -41,11 +41,7 @@ fn ivshmem_backend(env: &Env, ram: &std::path::Path, devices: &[String]) -> Chil
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "ivshmem server did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_socket(&socket);
     child
 }
 
@@ -294,11 +290,7 @@ fn a_former_client_reaches_nothing_of_the_next_session_and_sigterm_ends_the_serv
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "ivshmem server did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_socket(&socket);
     // Only its owner may connect.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;

@@ -219,11 +219,7 @@ fn broker(path: &std::path::Path) -> BrokerProcess {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        assert!(std::time::Instant::now() < deadline, "broker did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_socket(path);
     BrokerProcess(child)
 }
 

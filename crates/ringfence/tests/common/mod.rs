@@ -63,12 +63,21 @@ fn spawn_backend(socket: &Path, image: &Path, extra: &[&str]) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    wait_for_socket(socket);
+    child
+}
+
+/// Waits (at most 10 s) for a daemon's socket to appear.
+pub fn wait_for_socket(socket: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
-        assert!(Instant::now() < deadline, "backend did not start");
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens at {}",
+            socket.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
-    child
 }
 
 /// Ends a backend started without `--once` (SIGTERM) and returns its stats line.
