@@ -5,7 +5,8 @@
 //! it must never panic, and no request may grow the image.
 //!
 //! Input (little-endian; missing bytes read as zero):
-//!   u8  options: bit 0 opens the image read-only
+//!   u8  options: bit 0 opens the image read-only, bit 1 runs requests
+//!       one at a time (aio sync) instead of on io_uring
 //!   u64 features handed to `activate`; VIRTIO_RING_F_EVENT_IDX (bit 29)
 //!       also turns on EVENT_IDX on the queue, as the transport does
 //!   u16 avail idx the driver publishes
@@ -18,8 +19,8 @@
 //!       AREA + off (headers, indirect tables, segments, or the rings)
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use ringfence_blk::{Blk, BlkOptions};
-use ringfence_device::{process_queue, DeviceMemory, QueueStats, VirtioDevice};
+use ringfence_blk::{Aio, Blk, BlkOptions};
+use ringfence_device::{process_until_idle, DeviceMemory, QueueStats, VirtioDevice};
 use ringfence_fuzz::{image_len, image_path, Input, IMAGE_SECTORS};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -45,7 +46,9 @@ fn addr(input: &mut Input) -> u64 {
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
-    let read_only = input.u8() & 1 != 0;
+    let options = input.u8();
+    let read_only = options & 1 != 0;
+    let sync = options & 2 != 0;
     let features = input.u64();
     let avail_idx = input.u16();
 
@@ -79,13 +82,15 @@ fuzz_target!(|data: &[u8]| {
     q.set_event_idx(features & EVENT_IDX != 0);
     let opts = BlkOptions {
         read_only,
+        aio: if sync { Aio::Sync } else { Aio::IoUring },
         ..BlkOptions::default()
     };
     let mut blk = Blk::open(image_path(), opts).unwrap();
     let mut handlers = blk.activate(features).unwrap();
     let stats = QueueStats::default();
     // Err (a broken queue) is a legitimate outcome; only a panic is a bug.
-    let _ = process_queue(&mut q, &mem, handlers[0].as_mut(), &stats);
+    let wait = std::time::Duration::from_secs(5);
+    let _ = process_until_idle(&mut q, &mem, handlers[0].as_mut(), &stats, wait);
     // Requests are bounds-checked against the capacity: the file never grows.
     assert_eq!(image_len(), IMAGE_SECTORS * 512, "a request grew the image");
 });

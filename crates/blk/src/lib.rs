@@ -7,6 +7,7 @@
 //! the shared pages: no intermediate copy in the backend.
 
 mod request;
+mod uring;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -49,6 +50,67 @@ pub struct BlkOptions {
     pub max_discard_seg: u32,
     /// Most segments in one WRITE_ZEROES request offered (1..=MAX_DISCARD_SEG).
     pub max_write_zeroes_seg: u32,
+    /// How requests are executed.
+    pub aio: Aio,
+    /// How the image is cached on the host.
+    pub cache: CacheMode,
+}
+
+/// How a queue executes its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aio {
+    /// Many requests in flight per queue on an io_uring, completed in the
+    /// order the kernel finishes them. Falls back to `Sync` (with a
+    /// warning) where io_uring is unavailable.
+    #[default]
+    IoUring,
+    /// One request at a time with blocking preadv/pwritev on the queue's
+    /// thread: no in-flight state at all.
+    Sync,
+}
+
+/// Host caching of the image, as QEMU's `cache=` option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// O_DIRECT: the host page cache is bypassed; guest buffers that are
+    /// not aligned for it go through an aligned bounce buffer. FLUSH
+    /// still reaches the disk's own cache (fdatasync).
+    None,
+    /// The host page cache; FLUSH is fdatasync.
+    #[default]
+    Writeback,
+    /// The host page cache and FLUSH ignored: fastest, and a host crash
+    /// loses what the guest believed flushed. For scratch images only.
+    Unsafe,
+}
+
+impl std::str::FromStr for Aio {
+    type Err = BlkError;
+
+    fn from_str(s: &str) -> Result<Self, BlkError> {
+        match s {
+            "io_uring" => Ok(Aio::IoUring),
+            "sync" => Ok(Aio::Sync),
+            other => Err(BlkError::Option(format!(
+                "aio {other:?}: expected io_uring or sync"
+            ))),
+        }
+    }
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = BlkError;
+
+    fn from_str(s: &str) -> Result<Self, BlkError> {
+        match s {
+            "none" => Ok(CacheMode::None),
+            "writeback" => Ok(CacheMode::Writeback),
+            "unsafe" => Ok(CacheMode::Unsafe),
+            other => Err(BlkError::Option(format!(
+                "cache {other:?}: expected none, writeback or unsafe"
+            ))),
+        }
+    }
 }
 
 impl Default for BlkOptions {
@@ -60,6 +122,8 @@ impl Default for BlkOptions {
             serial: "ringfence".into(),
             max_discard_seg: MAX_DISCARD_SEG,
             max_write_zeroes_seg: MAX_DISCARD_SEG,
+            aio: Aio::default(),
+            cache: CacheMode::default(),
         }
     }
 }
@@ -77,12 +141,14 @@ pub enum BlkError {
         source: io::Error,
     },
     /// The image size is not usable.
-    #[error("image {path} has size {size}, not a non-zero multiple of 512")]
+    #[error("image {path} has size {size}, not a non-zero multiple of its {block}-byte block")]
     BadSize {
         /// The path.
         path: String,
         /// Its size.
         size: u64,
+        /// The block size (512, or what O_DIRECT needs).
+        block: u64,
     },
     /// Bad option.
     #[error("invalid option: {0}")]
@@ -101,6 +167,63 @@ pub(crate) struct Disk {
     pub(crate) stats: RequestStats,
     pub(crate) max_discard_seg: u32,
     pub(crate) max_write_zeroes_seg: u32,
+    /// Opened with O_DIRECT: buffers, lengths and offsets must be aligned.
+    pub(crate) direct: Option<DirectAlign>,
+    /// FLUSH reaches the disk (every cache mode but `unsafe`).
+    pub(crate) flush: bool,
+}
+
+/// What O_DIRECT asks of a transfer on this image (statx STATX_DIOALIGN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DirectAlign {
+    /// Alignment of buffer addresses and lengths in memory.
+    pub(crate) mem: u64,
+    /// Alignment of file offsets and lengths.
+    pub(crate) offset: u64,
+}
+
+impl DirectAlign {
+    /// Whether O_DIRECT takes a buffer of `len` bytes at `addr` as it is.
+    pub(crate) fn fits(&self, addr: u64, len: u64) -> bool {
+        addr.is_multiple_of(self.mem) && len.is_multiple_of(self.mem)
+    }
+
+    /// Asks the kernel; where it cannot tell (before Linux 6.1, or a file
+    /// system that does not say), a whole page for both, which every
+    /// O_DIRECT implementation accepts.
+    fn of(file: &File) -> Self {
+        use std::os::fd::AsRawFd;
+        const PAGE: u64 = 4096;
+        // SAFETY: statx is plain old data; all-zero is a valid value.
+        let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: an empty path with AT_EMPTY_PATH names the descriptor we
+        // own; the kernel writes at most one struct statx into `stx`.
+        let r = unsafe {
+            libc::statx(
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
+                libc::STATX_DIOALIGN,
+                &mut stx,
+            )
+        };
+        let told = r == 0
+            && stx.stx_mask & libc::STATX_DIOALIGN != 0
+            && stx.stx_dio_mem_align != 0
+            && stx.stx_dio_offset_align != 0;
+        if told {
+            let pow2 = |v: u32| u64::from(v).next_power_of_two().clamp(1, PAGE);
+            DirectAlign {
+                mem: pow2(stx.stx_dio_mem_align),
+                offset: pow2(stx.stx_dio_offset_align).max(SECTOR_SIZE),
+            }
+        } else {
+            DirectAlign {
+                mem: PAGE,
+                offset: PAGE,
+            }
+        }
+    }
 }
 
 /// A virtio-blk device.
@@ -143,14 +266,31 @@ impl Blk {
                 opts.queue_size
             )));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .open(path)
-            .map_err(|source| BlkError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
+        let direct_flag = if opts.cache == CacheMode::None {
+            libc::O_DIRECT
+        } else {
+            0
+        };
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .read(true)
+                .write(!opts.read_only)
+                .custom_flags(direct_flag)
+                .open(path)
+        }
+        .map_err(|source| BlkError::Open {
+            path: path.display().to_string(),
+            source: if source.raw_os_error() == Some(libc::EINVAL) && direct_flag != 0 {
+                io::Error::new(
+                    source.kind(),
+                    "the file system refuses O_DIRECT (--cache none); use --cache writeback",
+                )
+            } else {
+                source
+            },
+        })?;
+        let direct = (direct_flag != 0).then(|| DirectAlign::of(&file));
         let meta = file.metadata().map_err(|source| BlkError::Open {
             path: path.display().to_string(),
             source,
@@ -166,10 +306,12 @@ impl Blk {
         } else {
             meta.len()
         };
-        if size == 0 || size % SECTOR_SIZE != 0 {
+        let block = direct.map_or(SECTOR_SIZE, |d| d.offset);
+        if size == 0 || size % block != 0 {
             return Err(BlkError::BadSize {
                 path: path.display().to_string(),
                 size,
+                block,
             });
         }
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
@@ -184,7 +326,16 @@ impl Blk {
             stats: RequestStats::default(),
             max_discard_seg: opts.max_discard_seg,
             max_write_zeroes_seg: opts.max_write_zeroes_seg,
+            direct,
+            flush: opts.cache != CacheMode::Unsafe,
         });
+        if let Some(d) = direct {
+            tracing::info!(
+                mem_align = d.mem,
+                offset_align = d.offset,
+                "image opened with O_DIRECT"
+            );
+        }
         let mut blk = Blk {
             disk,
             config: [0; CONFIG_SIZE],
@@ -204,12 +355,15 @@ impl Blk {
         ); // capacity
         put(c, 8, &SIZE_MAX.to_le_bytes()); // size_max
         put(c, 12, &u32::from(self.opts.queue_size - 2).to_le_bytes()); // seg_max
-        put(c, 20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+                                                                        // With O_DIRECT the guest must not write less than the image's
+                                                                        // block: it learns the block size here (logical block size).
+        let block = self.disk.block_size();
+        put(c, 20, &(block as u32).to_le_bytes()); // blk_size
         put(c, 32, &[u8::from(self.writeback)]); // writeback
         put(c, 34, &self.opts.num_queues.to_le_bytes()); // num_queues
         put(c, 36, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(c, 40, &self.disk.max_discard_seg.to_le_bytes());
-        put(c, 44, &1u32.to_le_bytes()); // discard_sector_alignment
+        put(c, 44, &((block / SECTOR_SIZE) as u32).to_le_bytes()); // discard_sector_alignment
         put(c, 48, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(c, 52, &self.disk.max_write_zeroes_seg.to_le_bytes());
         put(c, 56, &[1]); // write_zeroes_may_unmap
@@ -230,6 +384,8 @@ impl Blk {
                 stats: RequestStats::default(),
                 max_discard_seg: disk.max_discard_seg,
                 max_write_zeroes_seg: disk.max_write_zeroes_seg,
+                direct: disk.direct,
+                flush: disk.flush,
             }),
             opts: self.opts.clone(),
             config: self.config,
@@ -245,6 +401,14 @@ impl Blk {
     /// Request counters (shared by all queues).
     pub fn stats(&self) -> &RequestStats {
         &self.disk.stats
+    }
+}
+
+impl Disk {
+    /// The logical block size the guest is told (blk_size).
+    pub(crate) fn block_size(&self) -> u64 {
+        self.direct
+            .map_or(SECTOR_SIZE, |d| d.offset.max(SECTOR_SIZE))
     }
 }
 
@@ -311,12 +475,20 @@ impl VirtioDevice for Blk {
             features = format_args!("{acked_features:#x}"),
             "virtio-blk activated"
         );
-        Ok((0..queues)
-            .map(|_| {
-                Box::new(BlkQueue::new(self.disk.clone(), self.opts.queue_size))
-                    as Box<dyn QueueHandler>
-            })
-            .collect())
+        let mut aio = self.opts.aio;
+        let mut handlers = Vec::with_capacity(usize::from(queues));
+        for _ in 0..queues {
+            let mut queue = BlkQueue::new(self.disk.clone(), self.opts.queue_size);
+            if aio == Aio::IoUring {
+                if let Err(e) = queue.start_uring() {
+                    tracing::warn!(error = %e, "io_uring unavailable: requests run one at a time (aio sync)");
+                    aio = Aio::Sync;
+                }
+            }
+            handlers.push(Box::new(queue) as Box<dyn QueueHandler>);
+        }
+        tracing::info!(?aio, cache = ?self.opts.cache, "virtio-blk queues started");
+        Ok(handlers)
     }
 
     fn reset(&mut self) {}

@@ -6,11 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ringfence_device::{
-    answer_byte, walk_chain, Chain, ChainError, DeviceMemory, QueueHandler, Segment,
+    answer_byte, walk_chain, Chain, ChainError, Completed, DeviceMemory, QueueHandler, Segment,
+    Started,
 };
 use virtio_bindings::virtio_blk::*;
-use vm_memory::{Address, Bytes, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
+use crate::uring::{Op, Pending, Uring};
 use crate::{Disk, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE, SIZE_MAX};
 
 /// Request counters of a block device.
@@ -20,6 +22,14 @@ pub struct RequestStats {
     pub ok: AtomicU64,
     /// Requests completed with IOERR.
     pub ioerr: AtomicU64,
+    /// Requests handed to io_uring (the rest ran on the queue's thread).
+    pub submitted: AtomicU64,
+    /// Reads and writes that came back short and were finished on the
+    /// queue's thread.
+    pub short: AtomicU64,
+    /// O_DIRECT transfers whose guest buffers were not aligned for it and
+    /// went through an aligned bounce buffer.
+    pub bounced: AtomicU64,
     /// Requests completed with UNSUPP.
     pub unsupp: AtomicU64,
     /// Chains so malformed that no status could be written (each one broke its queue).
@@ -52,6 +62,10 @@ pub struct BlkQueue {
     /// device-writable bytes before the status byte.
     segments: Vec<Segment>,
     max_descriptors: usize,
+    /// Many requests in flight (aio io_uring); `None` runs them one by one.
+    uring: Option<Uring>,
+    /// Aligned staging for O_DIRECT transfers of unaligned guest buffers.
+    bounce: Option<AlignedBuf>,
 }
 
 /// Header of a virtio-blk request, copied out of shared memory.
@@ -70,6 +84,131 @@ impl BlkQueue {
             descriptors: Vec::with_capacity(usize::from(queue_size)),
             segments: Vec::with_capacity(usize::from(queue_size)),
             max_descriptors: usize::from(queue_size),
+            uring: None,
+            bounce: None,
+        }
+    }
+
+    /// Runs this queue's reads, writes and flushes on an io_uring.
+    pub(crate) fn start_uring(&mut self) -> std::io::Result<()> {
+        let entries = u16::try_from(self.max_descriptors).unwrap_or(u16::MAX);
+        self.uring = Some(Uring::new(self.disk.file.as_raw_fd(), entries)?);
+        Ok(())
+    }
+
+    /// Walks the chain and finds its status byte; nothing is read from or
+    /// written to its buffers before both are known.
+    fn walk(&mut self, chain: Chain<'_>, mem: &DeviceMemory) -> Result<GuestAddress, ChainError> {
+        let head = chain.head_index();
+        let walked = walk_chain(chain, self.max_descriptors, &mut self.descriptors)
+            .and_then(|()| answer_byte(&self.descriptors, head, mem));
+        if walked.is_err() {
+            self.disk.stats.unanswerable.fetch_add(1, Ordering::Relaxed);
+        }
+        walked
+    }
+
+    /// Hands a parsed read, write or flush to io_uring. `Ok(false)`: the
+    /// request is not for the ring (GET_ID, DISCARD, a flush that does
+    /// nothing, buffers O_DIRECT cannot take as they are) and runs on the
+    /// queue's thread instead.
+    fn submit(
+        &mut self,
+        mem: &DeviceMemory,
+        head: u16,
+        status_addr: GuestAddress,
+        header: Header,
+    ) -> Result<bool, ReqError> {
+        let op = match header.req_type {
+            VIRTIO_BLK_T_IN => Op::Read,
+            VIRTIO_BLK_T_OUT if !self.disk.read_only => Op::Write,
+            VIRTIO_BLK_T_FLUSH if self.disk.flush && !self.disk.read_only => Op::Flush,
+            _ => return Ok(false),
+        };
+        let (offset, len) = if op == Op::Flush {
+            (0, 0)
+        } else {
+            let len = self.total_len(op == Op::Read)?;
+            (self.disk_range(header.sector, len)?, len)
+        };
+        let direct = self.disk.direct;
+        let Some(uring) = self.uring.as_mut() else {
+            return Ok(false);
+        };
+        let Some(iovecs) = uring.next_iovecs() else {
+            return Ok(false);
+        };
+        if op != Op::Flush {
+            // Every buffer translates before the request goes anywhere.
+            for s in &self.segments {
+                for slice in mem.get_slices(s.addr, s.len as usize) {
+                    let slice =
+                        slice.map_err(|_| ReqError::Invalid("buffer outside shared memory"))?;
+                    let base = slice.ptr_guard_mut().as_ptr();
+                    if direct.is_some_and(|d| !d.fits(base as u64, slice.len() as u64)) {
+                        return Ok(false);
+                    }
+                    iovecs.push(libc::iovec {
+                        iov_base: base.cast(),
+                        iov_len: slice.len(),
+                    });
+                }
+            }
+            if iovecs.len() > IOV_MAX {
+                return Ok(false);
+            }
+        }
+        uring
+            .push(Pending {
+                head,
+                status_addr,
+                mem: mem.clone(),
+                op,
+                offset,
+                len,
+            })
+            .map_err(ReqError::Io)?;
+        self.disk.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// The outcome of a request the kernel finished: a short transfer is
+    /// finished here.
+    fn finish(disk: &Disk, iovecs: &[libc::iovec], p: &Pending, res: i32) -> Result<u32, ReqError> {
+        let moved = u64::try_from(res)
+            .map_err(|_| ReqError::Io(std::io::Error::from_raw_os_error(res.saturating_neg())))?;
+        let dir = match p.op {
+            Op::Flush => return Ok(0),
+            Op::Read => Direction::Read,
+            Op::Write => Direction::Write,
+        };
+        if moved < p.len {
+            disk.stats.short.fetch_add(1, Ordering::Relaxed);
+            let mut skip = moved;
+            let mut pos = p.offset.saturating_add(moved);
+            for iov in iovecs {
+                let len = iov.iov_len as u64;
+                if skip >= len {
+                    skip -= len;
+                    continue;
+                }
+                let base = iov.iov_base.cast::<u8>().wrapping_add(skip as usize);
+                // SAFETY: the iovec names guest memory that `p.mem` keeps
+                // mapped; the kernel is done with the request.
+                unsafe { transfer_raw(&disk.file, base, (len - skip) as usize, pos, dir)? };
+                pos = pos.saturating_add(len - skip);
+                skip = 0;
+            }
+        }
+        match p.op {
+            Op::Read => {
+                disk.stats.bytes_read.fetch_add(p.len, Ordering::Relaxed);
+                u32::try_from(p.len).map_err(|_| ReqError::Invalid("length overflow"))
+            }
+            _ => {
+                disk.stats.bytes_written.fetch_add(p.len, Ordering::Relaxed);
+                Ok(0)
+            }
         }
     }
 
@@ -170,7 +309,7 @@ impl BlkQueue {
         Ok(total)
     }
 
-    fn execute(&self, mem: &DeviceMemory, req_type: u32, sector: u64) -> Result<u32, ReqError> {
+    fn execute(&mut self, mem: &DeviceMemory, req_type: u32, sector: u64) -> Result<u32, ReqError> {
         match req_type {
             VIRTIO_BLK_T_IN => {
                 let total = self.transfer_all(mem, sector, Direction::Read)?;
@@ -192,7 +331,7 @@ impl BlkQueue {
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
-                if !self.disk.read_only {
+                if self.disk.flush && !self.disk.read_only {
                     self.disk.file.sync_data().map_err(ReqError::Io)?;
                 }
                 Ok(0)
@@ -223,17 +362,25 @@ impl BlkQueue {
     /// segments are checked (direction, size, translation) before the first
     /// byte moves, so a bad buffer fails the request without a partial write.
     fn transfer_all(
-        &self,
+        &mut self,
         mem: &DeviceMemory,
         sector: u64,
         dir: Direction,
     ) -> Result<u64, ReqError> {
         let total = self.total_len(matches!(dir, Direction::Read))?;
         let mut pos = self.disk_range(sector, total)?;
+        let mut aligned = true;
         for s in &self.segments {
             for slice in mem.get_slices(s.addr, s.len as usize) {
-                slice.map_err(|_| ReqError::Invalid("buffer outside shared memory"))?;
+                let slice = slice.map_err(|_| ReqError::Invalid("buffer outside shared memory"))?;
+                if let Some(d) = self.disk.direct {
+                    aligned &= d.fits(slice.ptr_guard().as_ptr() as u64, slice.len() as u64);
+                }
             }
+        }
+        if !aligned {
+            self.disk.stats.bounced.fetch_add(1, Ordering::Relaxed);
+            return self.transfer_bounced(mem, pos, total, dir);
         }
         for s in &self.segments {
             // A buffer may span two adjacent regions: one transfer per piece.
@@ -241,6 +388,37 @@ impl BlkQueue {
                 transfer(&self.disk.file, &slice, pos, dir)?;
                 pos = pos.saturating_add(slice.len() as u64);
             }
+        }
+        Ok(total)
+    }
+
+    /// O_DIRECT with guest buffers it cannot take: through an aligned
+    /// buffer, [`BOUNCE_CHUNK`] bytes at a time.
+    fn transfer_bounced(
+        &mut self,
+        mem: &DeviceMemory,
+        pos: u64,
+        total: u64,
+        dir: Direction,
+    ) -> Result<u64, ReqError> {
+        let buf = self.bounce.get_or_insert_with(AlignedBuf::new);
+        let mut done = 0u64;
+        while done < total {
+            let n = (total - done).min(BOUNCE_CHUNK as u64) as usize;
+            let chunk = buf
+                .as_mut_slice()
+                .get_mut(..n)
+                .ok_or(ReqError::Invalid("bounce"))?;
+            let at = pos.saturating_add(done);
+            if let Direction::Write = dir {
+                copy_stream(mem, &self.segments, done, chunk, dir)?;
+            }
+            // SAFETY: `chunk` is our own aligned buffer of `n` bytes.
+            unsafe { transfer_raw(&self.disk.file, chunk.as_mut_ptr(), n, at, dir)? };
+            if let Direction::Read = dir {
+                copy_stream(mem, &self.segments, done, chunk, dir)?;
+            }
+            done += n as u64;
         }
         Ok(total)
     }
@@ -325,27 +503,107 @@ enum Direction {
     Write,
 }
 
+/// Most iovecs one readv/writev takes (IOV_MAX).
+const IOV_MAX: usize = 1024;
+
+/// Size of the aligned buffer of an O_DIRECT transfer that bounces.
+const BOUNCE_CHUNK: usize = 1 << 20;
+
+/// A page-aligned buffer of [`BOUNCE_CHUNK`] bytes.
+#[derive(Debug)]
+struct AlignedBuf(Vec<Page>);
+
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+
+impl AlignedBuf {
+    fn new() -> Self {
+        Self(vec![Page([0; 4096]); BOUNCE_CHUNK / 4096])
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        let len = self.0.len() * 4096;
+        // SAFETY: `Page` is 4096 plain bytes without padding, so the vector's
+        // buffer is `len` initialised bytes, borrowed mutably with `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u8>(), len) }
+    }
+}
+
+/// Copies between `chunk` and the bytes `[from, from + chunk.len())` of the
+/// request's data, which is the concatenation of `segments`.
+fn copy_stream(
+    mem: &DeviceMemory,
+    segments: &[Segment],
+    from: u64,
+    chunk: &mut [u8],
+    dir: Direction,
+) -> Result<(), ReqError> {
+    let end = from.saturating_add(chunk.len() as u64);
+    let mut seg_start = 0u64;
+    for s in segments {
+        let seg_end = seg_start.saturating_add(u64::from(s.len));
+        let (lo, hi) = (from.max(seg_start), end.min(seg_end));
+        if lo < hi {
+            let addr = s
+                .addr
+                .checked_add(lo - seg_start)
+                .ok_or(ReqError::Invalid("address overflow"))?;
+            let part = chunk
+                .get_mut((lo - from) as usize..(hi - from) as usize)
+                .ok_or(ReqError::Invalid("bounce"))?;
+            let copied = match dir {
+                Direction::Read => mem.write_slice(part, addr),
+                Direction::Write => mem.read_slice(part, addr),
+            };
+            copied.map_err(|_| ReqError::Invalid("buffer outside shared memory"))?;
+        }
+        seg_start = seg_end;
+        if seg_start >= end {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Moves all of `slice` between the image at `offset` and shared memory with
 /// pread/pwrite straight on the shared pages (no bounce in the backend).
 fn transfer(
     file: &std::fs::File,
     slice: &VolatileSlice<'_, ()>,
-    mut offset: u64,
+    offset: u64,
     dir: Direction,
 ) -> Result<(), ReqError> {
     let guard = slice.ptr_guard_mut();
-    let base = guard.as_ptr();
+    // SAFETY: `guard` is a live mapping of shared memory of `slice.len()`
+    // bytes, borrowed through `slice` for the duration of this call. The
+    // peer may change the bytes concurrently, which only affects the data
+    // it gets.
+    unsafe { transfer_raw(file, guard.as_ptr(), slice.len(), offset, dir) }
+}
+
+/// Moves `len` bytes between the image at `offset` and memory at `base`,
+/// retrying short transfers.
+///
+/// # Safety
+/// `base..base + len` must be mapped memory the caller may have the kernel
+/// read (Write) or write (Read) for the duration of the call.
+unsafe fn transfer_raw(
+    file: &std::fs::File,
+    base: *mut u8,
+    len: usize,
+    mut offset: u64,
+    dir: Direction,
+) -> Result<(), ReqError> {
     let mut done = 0usize;
-    while done < slice.len() {
+    while done < len {
         let (ptr, len, off) = (
             base.wrapping_add(done).cast(),
-            slice.len() - done,
+            len - done,
             offset as libc::off_t,
         );
-        // SAFETY: `base..base+len` is a live mapping of shared memory borrowed
-        // through `slice` for the duration of this call, and the kernel touches
-        // at most `len - done` bytes from `base + done`. The peer may change
-        // the bytes concurrently, which only affects the data it gets.
+        // SAFETY: the caller vouches for `base..base+len`; the kernel touches
+        // at most `len - done` bytes from `base + done`.
         let n = unsafe {
             match dir {
                 Direction::Read => libc::pread(file.as_raw_fd(), ptr, len, off),
@@ -398,7 +656,9 @@ fn fallocate_or_zero(
     if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
         return Err(ReqError::Io(e));
     }
-    let zeros = vec![0u8; 64 * 1024];
+    // Aligned, so that an O_DIRECT image takes it as it is.
+    let mut zeros = AlignedBuf::new();
+    let zeros = zeros.as_mut_slice();
     let mut pos = offset;
     let end = offset.saturating_add(len);
     while pos < end {
@@ -410,47 +670,97 @@ fn fallocate_or_zero(
     Ok(())
 }
 
+/// Writes the status of a finished request and counts it; the used length.
+fn answer(
+    stats: &RequestStats,
+    mem: &DeviceMemory,
+    head: u16,
+    status_addr: GuestAddress,
+    result: Result<u32, ReqError>,
+) -> Result<u32, ChainError> {
+    let (status, written) = match result {
+        Ok(n) => {
+            stats.ok.fetch_add(1, Ordering::Relaxed);
+            (VIRTIO_BLK_S_OK, n)
+        }
+        Err(e @ (ReqError::Unsupported(_) | ReqError::TooManySegments { .. })) => {
+            tracing::debug!(error = %e, "unsupported request");
+            stats.unsupp.fetch_add(1, Ordering::Relaxed);
+            (VIRTIO_BLK_S_UNSUPP, 0)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "request failed");
+            stats.ioerr.fetch_add(1, Ordering::Relaxed);
+            (VIRTIO_BLK_S_IOERR, 0)
+        }
+    };
+    // The address was checked in this memory view, which cannot change under us.
+    if mem.write_obj(status as u8, status_addr).is_err() {
+        stats.unanswerable.fetch_add(1, Ordering::Relaxed);
+        return Err(ChainError::Unanswerable {
+            head,
+            reason: "status byte not writable",
+        });
+    }
+    Ok(written.saturating_add(1))
+}
+
 impl QueueHandler for BlkQueue {
     fn handle_chain(&mut self, chain: Chain<'_>, mem: &DeviceMemory) -> Result<u32, ChainError> {
         let head = chain.head_index();
-        // Parse, then execute: the whole chain is walked and the status byte
-        // identified before anything is read from or written to the buffers.
-        let walked = walk_chain(chain, self.max_descriptors, &mut self.descriptors)
-            .and_then(|()| answer_byte(&self.descriptors, head, mem));
-        let status_addr = match walked {
-            Ok(a) => a,
-            Err(e) => {
-                self.disk.stats.unanswerable.fetch_add(1, Ordering::Relaxed);
-                return Err(e);
-            }
-        };
+        let status_addr = self.walk(chain, mem)?;
         let result = self
             .parse(mem)
             .and_then(|h| self.execute(mem, h.req_type, h.sector));
-        let (status, written) = match result {
-            Ok(n) => {
-                self.disk.stats.ok.fetch_add(1, Ordering::Relaxed);
-                (VIRTIO_BLK_S_OK, n)
-            }
-            Err(e @ (ReqError::Unsupported(_) | ReqError::TooManySegments { .. })) => {
-                tracing::debug!(error = %e, "unsupported request");
-                self.disk.stats.unsupp.fetch_add(1, Ordering::Relaxed);
-                (VIRTIO_BLK_S_UNSUPP, 0)
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "request failed");
-                self.disk.stats.ioerr.fetch_add(1, Ordering::Relaxed);
-                (VIRTIO_BLK_S_IOERR, 0)
-            }
-        };
-        // The address was checked above; the memory view cannot change under us.
-        if mem.write_obj(status as u8, status_addr).is_err() {
-            self.disk.stats.unanswerable.fetch_add(1, Ordering::Relaxed);
-            return Err(ChainError::Unanswerable {
-                head,
-                reason: "status byte not writable",
-            });
+        answer(&self.disk.stats, mem, head, status_addr, result)
+    }
+
+    fn start_chain(&mut self, chain: Chain<'_>, mem: &DeviceMemory) -> Result<Started, ChainError> {
+        if self.uring.is_none() {
+            return self.handle_chain(chain, mem).map(Started::Done);
         }
-        Ok(written.saturating_add(1))
+        let head = chain.head_index();
+        let status_addr = self.walk(chain, mem)?;
+        let result = match self.parse(mem) {
+            Ok(header) => match self.submit(mem, head, status_addr, header) {
+                Ok(true) => return Ok(Started::InFlight),
+                Ok(false) => self.execute(mem, header.req_type, header.sector),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        answer(&self.disk.stats, mem, head, status_addr, result).map(Started::Done)
+    }
+
+    fn submit_started(&mut self) {
+        if let Some(uring) = self.uring.as_mut() {
+            uring.submit();
+        }
+    }
+
+    fn next_completed(&mut self) -> Option<Completed> {
+        let uring = self.uring.as_mut()?;
+        let r = uring.reap()?;
+        let p = &r.pending;
+        let result = Self::finish(&self.disk, uring.iovecs(r.slot), p, r.res);
+        // The status goes into the view the buffers were checked in.
+        let len = answer(&self.disk.stats, &p.mem, p.head, p.status_addr, result).unwrap_or(0);
+        let head = p.head;
+        uring.release(r.slot);
+        Some(Completed { head, len })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.uring.as_ref().map_or(0, Uring::in_flight)
+    }
+
+    fn ready(&mut self) -> bool {
+        // A full table waits for a completion (the wake fd) before taking
+        // more from the driver.
+        self.uring.as_ref().is_none_or(Uring::has_room)
+    }
+
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.uring.as_ref().map(Uring::fd)
     }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use ringfence_blk::{Blk, BlkOptions};
 use ringfence_device::{
-    process_queue, ChainError, DeviceMemory, QueueFailure, QueueStats, VirtioDevice,
+    process_until_idle, ChainError, DeviceMemory, QueueFailure, QueueStats, VirtioDevice,
 };
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -18,6 +18,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 const AREA: u64 = 1 << 48;
+/// Longest wait for a request in flight.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 const HDR: u64 = AREA + 0x10000;
 const DATA: u64 = AREA + 0x20000;
 const TABLE: u64 = AREA + 0x80000;
@@ -87,7 +89,7 @@ fn run(blk: &mut Blk, mem: &DeviceMemory, descs: &[Raw]) -> Outcome {
     let mut q: Queue = mock.create_queue().unwrap();
     mem.write_obj(0xFFu8, GuestAddress(STATUS)).unwrap();
     let stats = QueueStats::default();
-    let result = process_queue(&mut q, mem, handlers[0].as_mut(), &stats).map(|p| {
+    let result = process_until_idle(&mut q, mem, handlers[0].as_mut(), &stats, WAIT).map(|p| {
         assert_eq!(p.chains, 1);
         mem.read_obj::<u32>(mock.used_addr().unchecked_add(8))
             .unwrap()
@@ -461,7 +463,7 @@ fn a_broken_queue_is_left_alone_after_the_failure() {
     mock.avail().idx().store(1);
     let mut q: Queue = mock.create_queue().unwrap();
     let stats = QueueStats::default();
-    assert!(process_queue(&mut q, &mem, handlers[0].as_mut(), &stats).is_err());
+    assert!(process_until_idle(&mut q, &mem, handlers[0].as_mut(), &stats, WAIT).is_err());
     assert_eq!(q.next_avail(), 1);
     assert_eq!(stats.chains.load(Ordering::Relaxed), 0);
 }

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use ringfence_blk::{Blk, BlkOptions};
-use ringfence_device::{process_queue, DeviceMemory, QueueStats, VirtioDevice};
+use ringfence_device::{process_until_idle, DeviceMemory, QueueStats, VirtioDevice};
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -13,6 +13,8 @@ use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress};
 
 const AREA: u64 = 1 << 48;
+/// Longest wait for a request in flight.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 const HDR: u64 = AREA + 0x10000;
 const DATA: u64 = AREA + 0x20000;
 const STATUS: u64 = AREA + 0x90000;
@@ -56,7 +58,7 @@ fn run(blk: &mut Blk, mem: &DeviceMemory, chain: &[(u64, u32, u16)]) -> (u8, u32
     let mut q: Queue = mock.create_queue().unwrap();
     mem.write_obj(0xFFu8, GuestAddress(STATUS)).unwrap();
     let stats = QueueStats::default();
-    let done = process_queue(&mut q, mem, handlers[0].as_mut(), &stats).unwrap();
+    let done = process_until_idle(&mut q, mem, handlers[0].as_mut(), &stats, WAIT).unwrap();
     assert_eq!(done.chains, 1);
     let used_len: u32 = mem.read_obj(mock.used_addr().unchecked_add(8)).unwrap();
     (mem.read_obj(GuestAddress(STATUS)).unwrap(), used_len)

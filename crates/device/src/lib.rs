@@ -208,6 +208,36 @@ pub trait QueueHandler: Send {
         true
     }
 
+    /// Starts answering a chain. The default answers it at once with
+    /// [`handle_chain`](Self::handle_chain). An asynchronous handler (block
+    /// I/O on io_uring) may instead keep the chain and answer
+    /// [`Started::InFlight`]; it then owes a [`Completed`] for it from
+    /// [`next_completed`](Self::next_completed), in any order, once its
+    /// bytes are written. [`handle_chain`](Self::handle_chain) must still
+    /// answer a chain in full: a transport that acts around every chain
+    /// (staging copies) calls it instead.
+    fn start_chain(&mut self, chain: Chain<'_>, mem: &DeviceMemory) -> Result<Started, ChainError> {
+        self.handle_chain(chain, mem).map(Started::Done)
+    }
+
+    /// Hands the chains started since the last call to whatever executes
+    /// them (one system call per batch); called after each batch of
+    /// [`start_chain`](Self::start_chain).
+    fn submit_started(&mut self) {}
+
+    /// The next chain that finished since it was started
+    /// [`InFlight`](Started::InFlight), if any. Never blocks.
+    fn next_completed(&mut self) -> Option<Completed> {
+        None
+    }
+
+    /// Chains started and not yet completed. While there are some, the
+    /// transport waits on [`wake_fd`](Self::wake_fd) as well as on the
+    /// kick, and serves the queue when it is readable.
+    fn in_flight(&self) -> usize {
+        0
+    }
+
     /// Serves the queue once: pops available chains, answers them and puts
     /// them on the used ring. The default answers one chain at a time with
     /// [`handle_chain`](Self::handle_chain) (see [`process_queue`]); a
@@ -223,6 +253,25 @@ pub trait QueueHandler: Send {
     ) -> Result<Processed, QueueFailure> {
         process_queue(queue, mem, self, stats)
     }
+}
+
+/// What [`QueueHandler::start_chain`] did with a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// Answered: the used length.
+    Done(u32),
+    /// Still running: it comes back from [`QueueHandler::next_completed`].
+    InFlight,
+}
+
+/// A chain an asynchronous handler finished: its bytes are written and it
+/// may go on the used ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completed {
+    /// Head index of the chain.
+    pub head: u16,
+    /// Used length.
+    pub len: u32,
 }
 
 /// One descriptor of a chain, copied out of shared memory.
@@ -361,7 +410,7 @@ pub const MAX_CHAINS_PER_CALL: usize = 1024;
 /// What one [`process_queue`] call did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Processed {
-    /// Chains handled.
+    /// Chains popped from the available ring.
     pub chains: usize,
     /// The driver must be notified.
     pub notify: bool,
@@ -371,11 +420,17 @@ pub struct Processed {
     /// The driver has buffers the handler could not fill (it was not
     /// ready): wait on [`QueueHandler::wake_fd`] as well as on the kick.
     pub starved: bool,
+    /// Chains are still running in the handler: wait on
+    /// [`QueueHandler::wake_fd`] as well as on the kick.
+    pub in_flight: bool,
 }
 
 /// Pops every available chain of `queue` (at most [`MAX_CHAINS_PER_CALL`]),
-/// hands it to `handler`, puts it on the used ring, and tells whether the
-/// driver must be notified (honouring EVENT_IDX when enabled on the queue).
+/// starts it in `handler`, puts what is answered or completed on the used
+/// ring (in completion order), and tells whether the driver must be
+/// notified (honouring EVENT_IDX when enabled on the queue). Completions
+/// are signalled as they are found, once per call, never held for a batch.
+/// A chain's bytes are written before it goes on the used ring.
 pub fn process_queue<H: QueueHandler + ?Sized>(
     queue: &mut Queue,
     mem: &DeviceMemory,
@@ -383,6 +438,7 @@ pub fn process_queue<H: QueueHandler + ?Sized>(
     stats: &QueueStats,
 ) -> Result<Processed, QueueFailure> {
     let mut processed = 0usize;
+    let mut answered = 0u64;
     let mut starved = false;
     loop {
         if queue.event_idx_enabled() {
@@ -399,9 +455,18 @@ pub fn process_queue<H: QueueHandler + ?Sized>(
                 break;
             };
             let head = chain.head_index();
-            let used = handler.handle_chain(chain, mem)?;
-            queue.add_used(mem, head, used)?;
+            if let Started::Done(used) = handler.start_chain(chain, mem)? {
+                queue.add_used(mem, head, used)?;
+                answered += 1;
+            }
             processed = processed.saturating_add(1);
+        }
+        // Buffered I/O that hits the page cache completes during the
+        // submission: reaping right after it spares a wake-up.
+        handler.submit_started();
+        while let Some(done) = handler.next_completed() {
+            queue.add_used(mem, done.head, done.len)?;
+            answered += 1;
         }
         // With EVENT_IDX, re-enable and re-check so a buffer added meanwhile
         // is not missed. A starved handler has buffers already: re-checking
@@ -414,8 +479,8 @@ pub fn process_queue<H: QueueHandler + ?Sized>(
             break;
         }
     }
-    stats.chains.fetch_add(processed as u64, Ordering::Relaxed);
-    let notify = processed > 0 && queue.needs_notification(mem)?;
+    stats.chains.fetch_add(answered, Ordering::Relaxed);
+    let notify = answered > 0 && queue.needs_notification(mem)?;
     if notify {
         stats.notifications.fetch_add(1, Ordering::Relaxed);
     }
@@ -424,6 +489,7 @@ pub fn process_queue<H: QueueHandler + ?Sized>(
         notify,
         more: processed >= MAX_CHAINS_PER_CALL,
         starved,
+        in_flight: handler.in_flight() > 0,
     })
 }
 
@@ -439,4 +505,40 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) -> Result<
         })?;
     data.copy_from_slice(src);
     Ok(())
+}
+
+/// Serves `queue` with [`process_queue`] until nothing is in flight,
+/// sleeping on the handler's [`QueueHandler::wake_fd`] in between (at most
+/// `timeout` per wait). For tests of asynchronous handlers. Returns the
+/// calls' sum: chains popped, and whether any asked to notify.
+#[cfg(feature = "test-utils")]
+pub fn process_until_idle<H: QueueHandler + ?Sized>(
+    queue: &mut Queue,
+    mem: &DeviceMemory,
+    handler: &mut H,
+    stats: &QueueStats,
+    timeout: std::time::Duration,
+) -> Result<Processed, QueueFailure> {
+    let mut total = process_queue(queue, mem, handler, stats)?;
+    while total.in_flight {
+        if let Some(fd) = handler.wake_fd() {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd for the duration of the call.
+            if unsafe { libc::poll(&mut pfd, 1, ms) } == 0 {
+                break; // still in flight: the caller sees `in_flight`
+            }
+        }
+        let p = process_queue(queue, mem, handler, stats)?;
+        total.chains += p.chains;
+        total.notify |= p.notify;
+        total.in_flight = p.in_flight;
+        total.more |= p.more;
+        total.starved = p.starved;
+    }
+    Ok(total)
 }

@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 
 use ringfence_bus::{split_area_addr, AreaCopier, AreaId, AreaRange, MAX_COPY_RANGES};
 use ringfence_device::{
-    process_queue, walk_chain, Chain, ChainError, DeviceMemory, Processed, QueueFailure,
+    process_queue, walk_chain, Chain, ChainError, Completed, DeviceMemory, Processed, QueueFailure,
     QueueHandler, QueueStats, Segment,
 };
 use virtio_queue::Queue;
@@ -232,6 +232,20 @@ impl QueueHandler for Staged {
 
     fn serves_chain_by_chain(&self) -> bool {
         self.inner.serves_chain_by_chain()
+    }
+
+    // Staged chains are answered in full (handle_chain); chains the model
+    // started before any area was copied still complete through it.
+    fn submit_started(&mut self) {
+        self.inner.submit_started();
+    }
+
+    fn next_completed(&mut self) -> Option<Completed> {
+        self.inner.next_completed()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
     }
 
     fn process(

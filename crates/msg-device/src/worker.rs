@@ -151,16 +151,17 @@ impl WorkerCtx {
     /// Waits for a kick or a wake-up and clears what was rung: one poll and
     /// one read per wake-up. A kick that arrives while the queue is being
     /// processed leaves its descriptor readable, so the poll returns at once.
-    /// A `starved` handler (driver buffers waiting, no data for them) is
-    /// also woken by its own source, which it drains itself.
-    fn wait_for_work(&self, starved: bool) {
+    /// A `starved` handler (driver buffers waiting, no data for them), or
+    /// one with requests `in_flight`, is also woken by its own source,
+    /// which it drains itself.
+    fn wait_for_work(&self, starved: bool, in_flight: bool) {
         // -1 is ignored by poll.
         let kick_fd = self
             .kick
             .as_ref()
             .and_then(|k| k.pollable_fd())
             .unwrap_or(-1);
-        let source_fd = if starved {
+        let source_fd = if starved || in_flight {
             self.handler.wake_fd().unwrap_or(-1)
         } else {
             -1
@@ -185,9 +186,10 @@ impl WorkerCtx {
         // Buffers may already be waiting (the driver kicked before DRIVER_OK completed).
         let mut pending = true;
         let mut starved = false;
+        let mut in_flight = false;
         loop {
             if !pending {
-                self.wait_for_work(starved);
+                self.wait_for_work(starved, in_flight);
             }
             if stop.load(Ordering::SeqCst) {
                 return;
@@ -196,6 +198,7 @@ impl WorkerCtx {
             match self.handler.process(&mut self.queue, &mem, &self.stats) {
                 Ok(done) => {
                     starved = done.starved;
+                    in_flight = done.in_flight;
                     if done.notify {
                         if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(self.index)) {
                             tracing::warn!(error = %e, "used notification lost");
@@ -230,8 +233,11 @@ impl WorkerCtx {
             // would spin until its source has data.
             // The batch's view of memory goes before polling: a revocation
             // (a grant ending) waits for every view that holds the area.
+            // Requests in flight wake the worker through the handler's
+            // source when they complete; spinning on the avail ring alone
+            // would only delay that.
             drop(mem);
-            pending = !starved && self.poll_for_work();
+            pending = !starved && !in_flight && self.poll_for_work();
         }
     }
 

@@ -463,6 +463,7 @@ impl QueueHandler for RxQueue {
             notify,
             more,
             starved,
+            in_flight: false,
         })
     }
 }

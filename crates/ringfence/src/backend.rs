@@ -152,6 +152,10 @@ pub fn sandbox(
                 socket: Some(_), ..
             }
             | DeviceArgs::Net { .. } => extras.epoll = true,
+            DeviceArgs::Blk {
+                aio: ringfence_blk::Aio::IoUring,
+                ..
+            } => extras.io_uring = true,
             DeviceArgs::Vsock { .. } => {
                 extras.epoll = true;
                 extras.unix_connect = true;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
-use ringfence_blk::{Blk, BlkOptions};
+use ringfence_blk::{Aio, Blk, BlkOptions, CacheMode};
 use ringfence_console::{Console, ConsoleBackend, ConsoleOptions};
 use ringfence_device::{DeviceError, QueueHandler, VirtioDevice};
 use ringfence_net::{Net, NetOptions, Tap};
@@ -38,6 +38,20 @@ pub enum DeviceArgs {
         /// Most segments per WRITE_ZEROES request offered (1..=32).
         #[arg(long, default_value_t = ringfence_blk::MAX_DISCARD_SEG)]
         max_write_zeroes_seg: u32,
+        /// How requests run: `io_uring` keeps many in flight per queue and
+        /// completes them out of order; `sync` runs them one at a time on
+        /// the queue's thread. io_uring falls back to sync where the kernel
+        /// refuses it.
+        #[arg(long, default_value = "io_uring", value_parser = clap::value_parser!(Aio))]
+        aio: Aio,
+        /// Host caching of the image, as QEMU's cache=: `none` (O_DIRECT:
+        /// no host page cache, FLUSH is fdatasync), `writeback` (page
+        /// cache, FLUSH is fdatasync), `unsafe` (page cache, FLUSH ignored).
+        #[arg(long, default_value = "writeback", value_parser = clap::value_parser!(CacheMode), conflicts_with = "direct")]
+        cache: CacheMode,
+        /// Same as `--cache none`.
+        #[arg(long)]
+        direct: bool,
     },
     /// virtio-net on a TAP device.
     Net {
@@ -376,6 +390,9 @@ pub fn open(args: &DeviceArgs) -> Result<DeviceTemplate, Box<dyn std::error::Err
             queue_size,
             max_discard_seg,
             max_write_zeroes_seg,
+            aio,
+            cache,
+            direct,
         } => {
             let blk = Blk::open(
                 image,
@@ -385,6 +402,8 @@ pub fn open(args: &DeviceArgs) -> Result<DeviceTemplate, Box<dyn std::error::Err
                     queue_size: *queue_size,
                     max_discard_seg: *max_discard_seg,
                     max_write_zeroes_seg: *max_write_zeroes_seg,
+                    aio: *aio,
+                    cache: if *direct { CacheMode::None } else { *cache },
                     ..Default::default()
                 },
             )?;

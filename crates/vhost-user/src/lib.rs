@@ -413,7 +413,7 @@ impl VhostUserDevice {
                 signal_used(index, vring);
             }
             if !done.more {
-                let source = if done.starved {
+                let source = if done.starved || done.in_flight {
                     handler.wake_fd()
                 } else {
                     None
