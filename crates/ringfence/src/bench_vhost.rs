@@ -2,6 +2,12 @@
 //! this process by the same virtio-blk driver (no guest, no TCG), compared in
 //! one run with interleaved rounds on 4 KiB QD1 latency, 4 KiB QD32 IOPS and
 //! 128 KiB sequential throughput.
+//!
+//! `--cold` measures storage instead of the page cache: a large image,
+//! dropped from the page cache before every backend's turn, reads and
+//! writes, and the backends in their O_DIRECT configurations (ours with
+//! `--cache none --aio io_uring`, qemu-storage-daemon with an iothread,
+//! `aio=io_uring` and `cache.direct=on`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -25,9 +31,13 @@ pub struct VhostBenchArgs {
     /// qemu-storage-daemon (iothread, io_uring, page cache).
     #[arg(long = "backend")]
     backends: Vec<String>,
-    /// Image size in MiB (kept in the page cache).
-    #[arg(long, default_value_t = 256)]
-    image_mib: u64,
+    /// Image size in MiB (default 256, in the page cache; 4096 with --cold).
+    #[arg(long)]
+    image_mib: Option<u64>,
+    /// Cold storage: O_DIRECT backends, reads and writes, the image dropped
+    /// from the page cache before each backend's turn in every round.
+    #[arg(long)]
+    cold: bool,
     /// Rounds; every backend runs every row once per round.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -42,12 +52,41 @@ const QSD: &str = "qemu-storage-daemon \
     --object iothread,id=iothread0 \
     --export type=vhost-user-blk,id=export0,addr.type=unix,addr.path={socket},node-name=disk0,writable=on,iothread=iothread0";
 
-/// The rows: (name, request size, depth, sequential).
-const ROWS: [(&str, usize, usize, bool); 3] = [
-    ("4 KiB random read QD1", 4096, 1, false),
-    ("4 KiB random read QD32", 4096, 32, false),
-    ("128 KiB sequential read QD8", 128 << 10, 8, true),
+/// qemu-storage-daemon in its fastest configuration for storage.
+const QSD_DIRECT: &str = "qemu-storage-daemon \
+    --blockdev driver=file,node-name=file0,filename={image},aio=io_uring,cache.direct=on \
+    --blockdev driver=raw,node-name=disk0,file=file0 \
+    --object iothread,id=iothread0 \
+    --export type=vhost-user-blk,id=export0,addr.type=unix,addr.path={socket},node-name=disk0,writable=on,iothread=iothread0";
+
+/// A row: name, request size, depth, sequential, writes.
+type Row = (&'static str, usize, usize, bool, bool);
+
+/// The rows from the page cache.
+const WARM_ROWS: [Row; 3] = [
+    ("4 KiB random read QD1", 4096, 1, false, false),
+    ("4 KiB random read QD32", 4096, 32, false, false),
+    ("128 KiB sequential read QD8", 128 << 10, 8, true, false),
 ];
+
+/// The rows from cold storage.
+const COLD_ROWS: [Row; 6] = [
+    ("4 KiB random read QD1", 4096, 1, false, false),
+    ("4 KiB random read QD32", 4096, 32, false, false),
+    ("4 KiB random write QD1", 4096, 1, false, true),
+    ("4 KiB random write QD32", 4096, 32, false, true),
+    ("128 KiB sequential read QD8", 128 << 10, 8, true, false),
+    ("128 KiB sequential write QD8", 128 << 10, 8, true, true),
+];
+
+/// Drops the image's clean pages from the page cache, so the next reads
+/// come from the disk (for backends that do not bypass the cache).
+fn drop_from_page_cache(image: &File) {
+    use std::os::fd::AsRawFd;
+    let _ = image.sync_data();
+    // SAFETY: plain advice on a descriptor we own.
+    unsafe { libc::posix_fadvise(image.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
 
 const RAM: usize = 64 << 20;
 const QUEUE: u16 = 256;
@@ -134,20 +173,25 @@ impl Drop for ChildGuard {
     }
 }
 
-fn run_row(peer: &mut Peer, row: usize, duration: Duration, span: u64, seed: u64) -> CellResult {
-    let Some(&(_, len, qd, seq)) = ROWS.get(row) else {
-        return CellResult::default();
-    };
+fn run_row(peer: &mut Peer, row: &Row, duration: Duration, span: u64, seed: u64) -> CellResult {
+    let &(_, len, qd, seq, write) = row;
     let slots = (span / len as u64).max(1);
     let mut rng = Rng::new(seed);
+    // A sequential row starts somewhere new each time, so that no round
+    // reads what an earlier one left in a cache.
+    let start = rng.next() % slots;
     let mut at = |i: u64| {
-        let n = if seq { i % slots } else { rng.next() % slots };
+        let n = if seq {
+            (start + i) % slots
+        } else {
+            rng.next() % slots
+        };
         n * (len as u64 / SECTOR)
     };
     let spec = CellSpec {
         len,
         qd: qd.min(MAX_SLOTS),
-        write: false,
+        write,
         duration,
         count: None,
     };
@@ -173,7 +217,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(args: VhostBenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let exe = std::env::current_exe()?;
-    let backends = if args.backends.is_empty() {
+    let backends = if !args.backends.is_empty() {
+        args.backends.clone()
+    } else if args.cold {
+        vec![
+            format!(
+                "{} vhost-user --once --socket-path {{socket}} blk --image {{image}} --cache none --aio io_uring",
+                exe.display()
+            ),
+            QSD_DIRECT.to_string(),
+        ]
+    } else {
         vec![
             format!(
                 "{} vhost-user --once --socket-path {{socket}} blk --image {{image}}",
@@ -181,20 +235,29 @@ pub fn run(args: VhostBenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
             ),
             QSD.to_string(),
         ]
-    } else {
-        args.backends.clone()
     };
+    let rows: &[Row] = if args.cold { &COLD_ROWS } else { &WARM_ROWS };
+    // The image is made in $TMPDIR: for a cold run, point it at the disk
+    // to be measured (a tmpfs has no cold storage, nor O_DIRECT).
     let dir = TempDir::new("bench-vhost")?;
     let image = dir.0.join("bench.img");
-    let image_mib = args.image_mib.max(8);
+    let image_mib = args
+        .image_mib
+        .unwrap_or(if args.cold { 4096 } else { 256 })
+        .max(8);
     {
         let f = File::create(&image)?;
-        let chunk = vec![0xA5u8; 1 << 20];
+        // Distinct bytes per MiB: a backend that returned the wrong block
+        // would not go unseen by a reader of the image, and nothing here
+        // is a hole the file system could answer without the disk.
+        let mut chunk = vec![0u8; 1 << 20];
         for i in 0..image_mib {
+            chunk.fill(0xA5 ^ (i as u8));
             f.write_all_at(&chunk, i << 20)?;
         }
         f.sync_all()?;
     }
+    let image_file = File::open(&image)?;
     let span = image_mib << 20;
     let mut peers = Vec::new();
     for (i, cmd) in backends.iter().enumerate() {
@@ -218,16 +281,20 @@ pub fn run(args: VhostBenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
     }
     let duration = Duration::from_millis(args.cell_ms.max(50));
     // results[row][peer][round]
-    let mut results: Vec<Vec<Vec<CellResult>>> = vec![vec![Vec::new(); peers.len()]; ROWS.len()];
-    // Warm both paths once.
+    let mut results: Vec<Vec<Vec<CellResult>>> = vec![vec![Vec::new(); peers.len()]; rows.len()];
+    // Warm both paths once (the code, not the data: a cold run drops it).
     for peer in &mut peers {
-        for row in 0..ROWS.len() {
+        for row in rows {
             let _ = run_row(peer, row, Duration::from_millis(100), span, 1);
         }
     }
     for round in 0..args.rounds.max(1) {
-        for (row, per_peer) in results.iter_mut().enumerate() {
+        for (row, per_peer) in rows.iter().zip(results.iter_mut()) {
             for (p, peer) in peers.iter_mut().enumerate() {
+                if args.cold {
+                    drop_from_page_cache(&image_file);
+                }
+                // The same offsets for every backend within a round.
                 let r = run_row(peer, row, duration, span, round as u64 + 11);
                 if let Some(v) = per_peer.get_mut(p) {
                     v.push(r);
@@ -237,9 +304,14 @@ pub fn run(args: VhostBenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
     }
     let mut ok = true;
     println!(
-        "vhost-user-blk backends, one in-process frontend, {} rounds × {} ms per row (image {image_mib} MiB in the page cache)",
+        "vhost-user-blk backends, one in-process frontend, {} rounds × {} ms per row (image {image_mib} MiB, {})",
         args.rounds.max(1),
-        args.cell_ms
+        args.cell_ms,
+        if args.cold {
+            "dropped from the page cache before every turn; O_DIRECT backends"
+        } else {
+            "in the page cache"
+        }
     );
     let base = peers.first().map(|p| p.name.clone()).unwrap_or_default();
     println!(
@@ -247,7 +319,9 @@ pub fn run(args: VhostBenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
     );
     let mut json = String::from("{\"rows\":[");
     for (row, per_peer) in results.iter().enumerate() {
-        let (label, _, qd, _) = ROWS[row];
+        let Some(&(label, len, qd, _, _)) = rows.get(row) else {
+            continue;
+        };
         println!("{label}");
         for (p, rounds) in per_peer.iter().enumerate() {
             let errors: u64 = rounds.iter().map(|r| r.errors + r.stalls).sum();
@@ -267,6 +341,7 @@ pub fn run(args: VhostBenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
                     })
                     .collect(),
             );
+            let backend_cpu = median(rounds.iter().map(|r| r.cpu_us_per_request().1).collect());
             // Ratio of the baseline to this peer, per round: > 1 means the baseline is better.
             let ratio = |f: &dyn Fn(&CellResult) -> f64, higher_better: bool| {
                 let base_rounds = per_peer.first()?;
@@ -290,31 +365,50 @@ pub fn run(args: VhostBenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
                     percentile_us(&lat, 0.5),
                     ratio(&|r| r.percentile_us(0.5), false),
                 )
-            } else if row == 1 {
+            } else if len <= 4096 {
                 ("IOPS", iops, ratio(&|r| r.iops(), true))
             } else {
                 ("MiB/s", mib, ratio(&|r| r.mib_s(), true))
             };
             let name = &peers[p].name;
+            // p99 and backend CPU as ratios too (> 1: the baseline is better).
+            let p99_ratio = ratio(&|r| r.percentile_us(0.99), false);
+            let cpu_ratio = ratio(&|r| r.cpu_us_per_request().1, false);
             let vs = if p == 0 {
                 String::new()
             } else {
-                format!("  {base} ÷ {name}: {:.2}", metric.2.unwrap_or(f64::NAN))
+                format!(
+                    "  {base} ÷ {name}: {} {:.2}, p99 {:.2}, backend CPU {:.2}",
+                    metric.0,
+                    metric.2.unwrap_or(f64::NAN),
+                    p99_ratio.unwrap_or(f64::NAN),
+                    cpu_ratio.unwrap_or(f64::NAN)
+                )
             };
             println!(
-                "  {name:<22} {:>8.0} IOPS {:>8.1} MiB/s  p50 {:>7.1} µs  p99 {:>7.1} µs  CPU {:>6.1} µs/req  errors {errors}{vs}",
+                "  {name:<22} {:>8.0} IOPS {:>8.1} MiB/s  p50 {:>7.1} µs  p99 {:>7.1} µs  CPU {:>6.1} µs/req (backend {:>5.1})  errors {errors}{vs}",
                 iops,
                 mib,
                 percentile_us(&lat, 0.5),
                 percentile_us(&lat, 0.99),
-                cpu
+                cpu,
+                backend_cpu
             );
+            let fmt_ratio = |r: Option<f64>| {
+                if p == 0 {
+                    "null".to_string()
+                } else {
+                    format!("{:.3}", r.unwrap_or(f64::NAN))
+                }
+            };
             json.push_str(&format!(
-                "{}{{\"row\":{label:?},\"backend\":{name:?},\"iops\":{iops:.0},\"mib_s\":{mib:.1},\"p50_us\":{:.2},\"p99_us\":{:.2},\"cpu_us_per_req\":{cpu:.2},\"baseline_ratio\":{}}}",
+                "{}{{\"row\":{label:?},\"backend\":{name:?},\"iops\":{iops:.0},\"mib_s\":{mib:.1},\"p50_us\":{:.2},\"p99_us\":{:.2},\"cpu_us_per_req\":{cpu:.2},\"backend_cpu_us_per_req\":{backend_cpu:.2},\"baseline_ratio\":{},\"p99_ratio\":{},\"backend_cpu_ratio\":{}}}",
                 if row == 0 && p == 0 { "" } else { "," },
                 percentile_us(&lat, 0.5),
                 percentile_us(&lat, 0.99),
-                if p == 0 { "null".to_string() } else { format!("{:.3}", metric.2.unwrap_or(f64::NAN)) }
+                fmt_ratio(metric.2),
+                fmt_ratio(p99_ratio),
+                fmt_ratio(cpu_ratio)
             ));
         }
     }

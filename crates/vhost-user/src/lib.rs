@@ -184,6 +184,10 @@ pub struct VhostUserDevice {
     queue_stats: Vec<QueueStats>,
     /// Queues the guest broke (bad ring index...): left alone until reset.
     broken: Vec<AtomicBool>,
+    /// Queues whose handler has had requests in flight since activation:
+    /// its wake fd (readable only on completions) stays watched, instead
+    /// of two epoll_ctl calls per request at queue depth 1.
+    asynchronous: Vec<AtomicBool>,
     /// The wake fd of each starved queue's handler, while it is registered
     /// on that queue's worker epoll.
     watched: Vec<Mutex<Option<std::os::fd::RawFd>>>,
@@ -225,6 +229,7 @@ impl VhostUserDevice {
             handlers: (0..n).map(|_| Mutex::new(None)).collect(),
             queue_stats: (0..n).map(|_| QueueStats::default()).collect(),
             broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            asynchronous: (0..n).map(|_| AtomicBool::new(false)).collect(),
             watched: (0..n).map(|_| Mutex::new(None)).collect(),
             epolls: Mutex::new(Vec::new()),
             memory: Mutex::new(None),
@@ -321,7 +326,7 @@ impl VhostUserDevice {
         for h in &self.handlers {
             *h.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
-        for b in &self.broken {
+        for b in self.broken.iter().chain(&self.asynchronous) {
             b.store(false, Ordering::Relaxed);
         }
         // Joined before the reset: no change is reported for a device being reset.
@@ -413,7 +418,13 @@ impl VhostUserDevice {
                 signal_used(index, vring);
             }
             if !done.more {
-                let source = if done.starved || done.in_flight {
+                let asynchronous = self.asynchronous.get(usize::from(index)).is_some_and(|a| {
+                    if done.in_flight {
+                        a.store(true, Ordering::Relaxed);
+                    }
+                    a.load(Ordering::Relaxed)
+                });
+                let source = if done.starved || asynchronous {
                     handler.wake_fd()
                 } else {
                     None
