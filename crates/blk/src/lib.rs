@@ -493,6 +493,10 @@ impl VirtioDevice for Blk {
 
     fn reset(&mut self) {}
 
+    fn completes_out_of_order(&self) -> bool {
+        self.opts.aio == Aio::IoUring
+    }
+
     fn config_watch(&mut self) -> Option<Box<dyn ConfigWatch>> {
         // A block device's size does not change under us the same way; an
         // image file is grown (or shrunk) with truncate or qemu-img resize.

@@ -99,6 +99,13 @@ pub trait VirtioDevice: Send {
     fn config_watch(&mut self) -> Option<Box<dyn ConfigWatch>> {
         None
     }
+    /// Whether the device's queues may complete chains out of order (block
+    /// I/O on io_uring). A transport that restarts a crashed backend must
+    /// then know which chains were in flight (vhost-user's in-flight
+    /// tracking); in order, the used index says it all.
+    fn completes_out_of_order(&self) -> bool {
+        false
+    }
 }
 
 /// Looks for config changes on a timer (see [`VirtioDevice::config_watch`]).
@@ -437,6 +444,54 @@ pub fn process_queue<H: QueueHandler + ?Sized>(
     handler: &mut H,
     stats: &QueueStats,
 ) -> Result<Processed, QueueFailure> {
+    process_queue_logged(queue, mem, handler, stats, &mut NoLog)
+}
+
+/// Records, in memory that outlives the backend process, which chains the
+/// device holds, so that a restarted backend can finish them (vhost-user's
+/// in-flight tracking). [`process_queue_logged`] calls it around every pop
+/// and every used entry.
+pub trait InflightLog {
+    /// `head` was taken from the available ring.
+    fn popped(&mut self, head: u16);
+    /// `head` is about to go on the used ring.
+    fn completing(&mut self, head: u16);
+    /// `head` is on the used ring, whose index is now `used_idx`.
+    fn completed(&mut self, head: u16, used_idx: u16);
+}
+
+/// Logs nothing.
+struct NoLog;
+
+impl InflightLog for NoLog {
+    fn popped(&mut self, _: u16) {}
+    fn completing(&mut self, _: u16) {}
+    fn completed(&mut self, _: u16, _: u16) {}
+}
+
+/// Puts one answered chain on the used ring, logged.
+pub fn add_used_logged(
+    queue: &mut Queue,
+    mem: &DeviceMemory,
+    head: u16,
+    len: u32,
+    log: &mut dyn InflightLog,
+) -> Result<(), QueueFailure> {
+    log.completing(head);
+    queue.add_used(mem, head, len)?;
+    log.completed(head, queue.next_used());
+    Ok(())
+}
+
+/// [`process_queue`], recording every chain popped and every chain used in
+/// `log`.
+pub fn process_queue_logged<H: QueueHandler + ?Sized>(
+    queue: &mut Queue,
+    mem: &DeviceMemory,
+    handler: &mut H,
+    stats: &QueueStats,
+    log: &mut dyn InflightLog,
+) -> Result<Processed, QueueFailure> {
     let mut processed = 0usize;
     let mut answered = 0u64;
     let mut starved = false;
@@ -455,8 +510,9 @@ pub fn process_queue<H: QueueHandler + ?Sized>(
                 break;
             };
             let head = chain.head_index();
+            log.popped(head);
             if let Started::Done(used) = handler.start_chain(chain, mem)? {
-                queue.add_used(mem, head, used)?;
+                add_used_logged(queue, mem, head, used, log)?;
                 answered += 1;
             }
             processed = processed.saturating_add(1);
@@ -465,7 +521,7 @@ pub fn process_queue<H: QueueHandler + ?Sized>(
         // submission: reaping right after it spares a wake-up.
         handler.submit_started();
         while let Some(done) = handler.next_completed() {
-            queue.add_used(mem, done.head, done.len)?;
+            add_used_logged(queue, mem, done.head, done.len, log)?;
             answered += 1;
         }
         // With EVENT_IDX, re-enable and re-check so a buffer added meanwhile

@@ -301,6 +301,9 @@ impl VirtioDevice for Exclusive {
     fn config_watch(&mut self) -> Option<Box<dyn ringfence_device::ConfigWatch>> {
         self.device.config_watch()
     }
+    fn completes_out_of_order(&self) -> bool {
+        self.device.completes_out_of_order()
+    }
 }
 
 type Factory = Box<dyn Fn() -> std::io::Result<Box<dyn VirtioDevice>> + Send + Sync>;

@@ -43,6 +43,12 @@ pub struct VhostUserArgs {
     /// Do not install the seccomp allow-list after set-up (for debugging).
     #[arg(long)]
     pub no_sandbox: bool,
+    /// Do not offer in-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD).
+    /// A device that completes out of order (blk with --aio io_uring) then
+    /// loses or repeats requests when it is restarted under load; for
+    /// showing exactly that, and for frontends that mishandle the feature.
+    #[arg(long)]
+    pub no_inflight_tracking: bool,
     /// The device to serve.
     #[command(subcommand)]
     pub device: DeviceArgs,
@@ -59,6 +65,10 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         MemoryPolicy::FullShare
     };
     let backend = VhostUserDevice::new(device, policy);
+    if args.no_inflight_tracking {
+        backend.without_inflight_tracking();
+    }
+    let inflight = backend.inflight_slot();
     let (listener, socket) = listener(&args)?;
     // The backend-request channel of whichever connection is live: the
     // device's config changes (console resized, image grown) go out on it.
@@ -84,7 +94,11 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         ringfence_sandbox::Profile::VhostUser,
         std::slice::from_ref(&args.device),
         args.no_sandbox,
-        ringfence_sandbox::Extras::default(),
+        ringfence_sandbox::Extras {
+            // GET_INFLIGHT_FD makes a memfd.
+            memfd: inflight.enabled(),
+            ..Default::default()
+        },
     )?;
     tracing::info!(?policy, "vhost-user backend listening");
     loop {
@@ -101,7 +115,7 @@ pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
         // Every connection goes through the shim: it holds QEMU's early
         // SET_VRING_ENABLEs (vhost-user-net) and signals each new call fd
         // once, as libvhost-user does (see ringfence_vhost_user::shim).
-        match serve_listener_with_enable_shim(&mut daemon, &listener, &channel) {
+        match serve_listener_with_enable_shim(&mut daemon, &listener, &channel, &inflight) {
             Ok(()) => tracing::info!("frontend disconnected"),
             Err(e) => tracing::warn!(error = %e, "connection ended with an error"),
         }

@@ -26,7 +26,9 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+pub mod inflight;
 pub mod shim;
+pub use inflight::InflightSlot;
 pub use shim::{
     serve_listener_with_enable_shim, serve_with_enable_shim, BackendChannel, ShimError,
 };
@@ -175,6 +177,8 @@ pub struct AdapterStats {
     pub memory_refused: AtomicU64,
     /// Queue failures (the queue stops being served until reset).
     pub queue_failures: AtomicU64,
+    /// Chains resubmitted from the in-flight record after a restart.
+    pub resubmitted: AtomicU64,
 }
 
 /// A device model served over vhost-user.
@@ -188,6 +192,11 @@ pub struct VhostUserDevice {
     /// its wake fd (readable only on completions) stays watched, instead
     /// of two epoll_ctl calls per request at queue depth 1.
     asynchronous: Vec<AtomicBool>,
+    /// In-flight tracking: the live connection's memory (see [`inflight`]).
+    inflight: Arc<InflightSlot>,
+    /// Each queue's record in it, from the queue's first service after
+    /// activation (when the previous backend's chains are resubmitted).
+    logs: Vec<Mutex<Option<inflight::QueueLog>>>,
     /// The wake fd of each starved queue's handler, while it is registered
     /// on that queue's worker epoll.
     watched: Vec<Mutex<Option<std::os::fd::RawFd>>>,
@@ -216,7 +225,8 @@ impl VhostUserDevice {
     /// Wraps `device`.
     pub fn new(device: Box<dyn VirtioDevice>, policy: MemoryPolicy) -> Arc<Self> {
         let n = usize::from(device.num_queues());
-        Arc::new(Self {
+        let out_of_order = device.completes_out_of_order();
+        let this = Arc::new(Self {
             num_queues: n,
             max_queue_size: usize::from(device.max_queue_size()),
             device_features: device.device_features(),
@@ -230,6 +240,8 @@ impl VhostUserDevice {
             queue_stats: (0..n).map(|_| QueueStats::default()).collect(),
             broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
             asynchronous: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            inflight: Arc::new(InflightSlot::default()),
+            logs: (0..n).map(|_| Mutex::new(None)).collect(),
             watched: (0..n).map(|_| Mutex::new(None)).collect(),
             epolls: Mutex::new(Vec::new()),
             memory: Mutex::new(None),
@@ -237,7 +249,22 @@ impl VhostUserDevice {
             stats: AdapterStats::default(),
             protocol_features: AtomicBool::new(true),
             config_notify: Arc::new(Mutex::new(None)),
-        })
+        });
+        this.inflight.set_enabled(out_of_order);
+        this
+    }
+
+    /// Stops offering in-flight tracking, which a device that completes out
+    /// of order otherwise gets: a backend restarted under load then loses
+    /// or repeats requests (for tests that show it, and frontends that
+    /// mishandle the feature).
+    pub fn without_inflight_tracking(&self) {
+        self.inflight.set_enabled(false);
+    }
+
+    /// The in-flight memory slot, for the shim of each connection.
+    pub fn inflight_slot(&self) -> Arc<InflightSlot> {
+        self.inflight.clone()
     }
 
     /// Sets (or clears) what to call when the device's config changes on
@@ -329,6 +356,11 @@ impl VhostUserDevice {
         for b in self.broken.iter().chain(&self.asynchronous) {
             b.store(false, Ordering::Relaxed);
         }
+        // After the handlers: serve_queue takes a queue's log while holding
+        // its handler, never the other way round.
+        for l in &self.logs {
+            *l.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         // Joined before the reset: no change is reported for a device being reset.
         inner.watcher = None;
         if inner.active {
@@ -399,10 +431,35 @@ impl VhostUserDevice {
         let Some(stats) = self.queue_stats.get(usize::from(index)) else {
             return Ok(());
         };
+        let mut log = self
+            .logs
+            .get(usize::from(index))
+            .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(log) = log.as_mut() {
+            if log.is_none() && self.inflight.enabled() {
+                let mut state = vring.get_mut();
+                **log = self
+                    .start_log(index, state.get_queue_mut(), &mem, handler.as_mut())
+                    .map_err(|source| VhostUserDeviceError::Queue {
+                        queue: index,
+                        source,
+                    })?;
+            }
+        }
+        let mut log = log.as_mut().and_then(|l| l.as_mut());
         loop {
             let done = {
                 let mut state = vring.get_mut();
-                handler.process(state.get_queue_mut(), &mem, stats)
+                match log.as_mut() {
+                    Some(log) => ringfence_device::process_queue_logged(
+                        state.get_queue_mut(),
+                        &mem,
+                        handler.as_mut(),
+                        stats,
+                        *log,
+                    ),
+                    None => handler.process(state.get_queue_mut(), &mem, stats),
+                }
             };
             let done = match done {
                 Ok(d) => d,
@@ -433,6 +490,55 @@ impl VhostUserDevice {
                 return Ok(());
             }
         }
+    }
+}
+
+impl VhostUserDevice {
+    /// Opens queue `index`'s in-flight record for this activation and
+    /// resubmits what the previous backend left in flight (see
+    /// [`inflight`]); `None` when the frontend gave no memory for it.
+    fn start_log(
+        &self,
+        index: u16,
+        queue: &mut virtio_queue::Queue,
+        mem: &DeviceMemory,
+        handler: &mut dyn QueueHandler,
+    ) -> Result<Option<inflight::QueueLog>, ringfence_device::QueueFailure> {
+        use virtio_queue::QueueT;
+        use vm_memory::{Bytes, GuestAddress};
+        let Some(shm) = self.inflight.current() else {
+            return Ok(None);
+        };
+        let Some(mut log) = inflight::QueueLog::new(shm, index, queue.size()) else {
+            tracing::warn!(
+                queue = index,
+                "inflight memory does not cover this queue: not tracked"
+            );
+            return Ok(None);
+        };
+        let used_idx_addr = GuestAddress(queue.used_ring()).0.checked_add(2);
+        let Some(ring_used) = used_idx_addr.and_then(|a| mem.read_obj::<u16>(GuestAddress(a)).ok())
+        else {
+            return Err(virtio_queue::Error::InvalidDescriptorIndex.into());
+        };
+        let recovery = log.recover(u16::from_le(ring_used));
+        queue.set_next_avail(recovery.next_avail);
+        queue.set_next_used(u16::from_le(ring_used));
+        if !recovery.resubmit.is_empty() {
+            tracing::info!(
+                queue = index,
+                count = recovery.resubmit.len(),
+                heads = ?recovery.resubmit,
+                "resubmitting the requests a previous backend left in flight"
+            );
+            self.stats
+                .resubmitted
+                .fetch_add(recovery.resubmit.len() as u64, Ordering::Relaxed);
+            inflight::resubmit(queue, mem, handler, &recovery.resubmit, &mut log)?;
+        } else if !recovery.fresh {
+            tracing::info!(queue = index, "inflight record: nothing was in flight");
+        }
+        Ok(Some(log))
     }
 }
 
@@ -478,6 +584,11 @@ impl VhostUserBackend for VhostUserDevice {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::RESET_DEVICE
+            | if self.inflight.enabled() {
+                VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            } else {
+                VhostUserProtocolFeatures::empty()
+            }
     }
 
     fn reset_device(&self) {

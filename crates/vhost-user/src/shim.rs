@@ -41,6 +41,7 @@
 //! shim refuses nothing the backend would accept), and a malformed one ends
 //! the connection with an error.
 
+use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
 use std::io::ErrorKind;
 use std::net::Shutdown;
@@ -58,6 +59,10 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::bitmap::BitmapReplace;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
+
+use crate::inflight::{
+    InflightDesc, InflightShm, InflightSlot, GET_INFLIGHT_FD, INFLIGHT_PAYLOAD_LEN, SET_INFLIGHT_FD,
+};
 use vm_memory::bitmap::NewBitmap;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -69,6 +74,8 @@ const SET_PROTOCOL_FEATURES: u32 = 16;
 const SET_VRING_ENABLE: u32 = 18;
 /// `VHOST_USER_SET_VRING_CALL`.
 const SET_VRING_CALL: u32 = 13;
+/// `VHOST_USER_SET_VRING_KICK`.
+const SET_VRING_KICK: u32 = 12;
 /// `VHOST_USER_RESET_OWNER` and `VHOST_USER_RESET_DEVICE`.
 const RESET_OWNER: u32 = 4;
 const RESET_DEVICE: u32 = 34;
@@ -179,7 +186,12 @@ where
 {
     // vhost's Listener unlinks a stale socket and removes its file when dropped.
     let listener = Listener::new(socket, true).map_err(ShimError::Listen)?;
-    serve_listener_with_enable_shim(daemon, &listener, &BackendChannel::default())
+    serve_listener_with_enable_shim(
+        daemon,
+        &listener,
+        &BackendChannel::default(),
+        &InflightSlot::default(),
+    )
 }
 
 /// The backend-request channel of the current connection, kept by the shim.
@@ -235,11 +247,15 @@ impl BackendChannel {
 
 /// As [`serve_with_enable_shim`], on a listener the caller owns (one bound
 /// by path and kept across connections, or one inherited: `--socket-fd`,
-/// systemd's `LISTEN_FDS`).
+/// systemd's `LISTEN_FDS`). With `inflight` enabled, the shim also answers
+/// GET/SET_INFLIGHT_FD (see [`crate::inflight`]) and rings each new kick
+/// once, so that a restarted backend resubmits without waiting for a guest
+/// that is itself waiting.
 pub fn serve_listener_with_enable_shim<T>(
     daemon: &mut VhostUserDaemon<T>,
     listener: &Listener,
     channel: &BackendChannel,
+    inflight: &InflightSlot,
 ) -> Result<(), ShimError>
 where
     T: VhostUserBackend + Clone + 'static,
@@ -255,8 +271,9 @@ where
     };
     tracing::debug!("frontend connected");
     let backend = link_daemon(daemon)?;
-    let result = run(frontend, backend, channel);
+    let result = run(frontend, backend, channel, inflight);
     channel.set(None);
+    inflight.set(None);
     let daemon_result = daemon.wait();
     stop_workers(daemon);
     result?;
@@ -370,6 +387,7 @@ fn run(
     frontend: UnixStream,
     backend: UnixStream,
     channel: &BackendChannel,
+    inflight: &InflightSlot,
 ) -> Result<(), ShimError> {
     let link = Arc::new(Link {
         frontend,
@@ -382,7 +400,7 @@ fn run(
             thread::Builder::new()
                 .name("vhost-user-shim".into())
                 .spawn_scoped(scope, move || {
-                    let r = frontend_to_backend(&link, channel);
+                    let r = frontend_to_backend(&link, channel, inflight);
                     link.close();
                     r
                 })
@@ -411,9 +429,101 @@ struct Gate {
     reply_ack: bool,
     /// Payloads of the held SET_VRING_ENABLEs, in arrival order.
     held: Vec<[u8; 8]>,
+    /// INFLIGHT_SHMFD acked.
+    inflight: bool,
 }
 
-fn frontend_to_backend(link: &Link, channel: &BackendChannel) -> Result<(), ShimError> {
+/// Answers GET_INFLIGHT_FD (fresh memory) or SET_INFLIGHT_FD (the memory
+/// a previous backend was given) for the adapter. A description the shim
+/// cannot honour gets no memory (GET: size 0, which QEMU takes as "no
+/// tracking") or an error reply (SET), never a dropped connection.
+fn answer_inflight(
+    link: &Link,
+    hdr: &Header,
+    payload: &[u8],
+    fds: Vec<OwnedFd>,
+    slot: &InflightSlot,
+    reply_ack: bool,
+) -> Result<(), ShimError> {
+    let desc = InflightDesc::decode(payload);
+    if hdr.request == GET_INFLIGHT_FD {
+        drop(fds);
+        let made = desc.ok_or("short payload").and_then(|d| {
+            InflightShm::create(d.num_queues, d.queue_size).map_err(|e| {
+                tracing::warn!(error = %e, "GET_INFLIGHT_FD refused");
+                "refused"
+            })
+        });
+        let (answer, fd) = match made {
+            Ok(shm) => {
+                let answer = shm.desc();
+                let shm = Arc::new(shm);
+                let fd = shm.fd();
+                tracing::info!(
+                    num_queues = answer.num_queues,
+                    queue_size = answer.queue_size,
+                    bytes = answer.mmap_size,
+                    "inflight memory created"
+                );
+                slot.set(Some(shm));
+                (answer, Some(fd))
+            }
+            Err(_) => (
+                InflightDesc {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    num_queues: desc.map_or(0, |d| d.num_queues),
+                    queue_size: desc.map_or(0, |d| d.queue_size),
+                },
+                None,
+            ),
+        };
+        let reply = Header {
+            request: GET_INFLIGHT_FD,
+            flags: VERSION_1 | REPLY,
+            size: INFLIGHT_PAYLOAD_LEN as u32,
+        };
+        let mut frame = [0u8; HEADER_LEN + INFLIGHT_PAYLOAD_LEN];
+        frame[..HEADER_LEN].copy_from_slice(&reply.encode());
+        frame[HEADER_LEN..].copy_from_slice(&answer.encode());
+        // The slot keeps the memory (and its descriptor) alive past the send.
+        return link.send_frontend(&frame, fd.as_slice());
+    }
+    let mapped = match (desc, <[OwnedFd; 1]>::try_from(fds)) {
+        (Some(d), Ok([fd])) => InflightShm::map(File::from(fd), &d).map_err(|e| e.to_string()),
+        _ => Err("SET_INFLIGHT_FD without a description and one descriptor".to_string()),
+    };
+    let status: u64 = match mapped {
+        Ok(shm) => {
+            tracing::info!(?desc, "inflight memory of the frontend mapped");
+            slot.set(Some(Arc::new(shm)));
+            0
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "SET_INFLIGHT_FD refused: requests are not tracked");
+            slot.set(None);
+            1
+        }
+    };
+    if hdr.flags & NEED_REPLY != 0 && reply_ack {
+        let ack = Header {
+            request: SET_INFLIGHT_FD,
+            flags: VERSION_1 | REPLY,
+            size: 8,
+        };
+        let mut frame = [0u8; HEADER_LEN + 8];
+        frame[..HEADER_LEN].copy_from_slice(&ack.encode());
+        frame[HEADER_LEN..].copy_from_slice(&status.to_le_bytes());
+        link.send_frontend(&frame, &[])?;
+    }
+    Ok(())
+}
+
+fn frontend_to_backend(
+    link: &Link,
+    channel: &BackendChannel,
+    inflight: &InflightSlot,
+) -> Result<(), ShimError> {
     let mut gate = Gate::default();
     let mut buf = Vec::with_capacity(HEADER_LEN + MAX_MSG_SIZE);
     loop {
@@ -460,6 +570,14 @@ fn frontend_to_backend(link: &Link, channel: &BackendChannel) -> Result<(), Shim
         if hdr.request == SET_PROTOCOL_FEATURES && hdr.size == 8 {
             let acked = u64::from_le_bytes(payload.try_into().unwrap_or([0; 8]));
             gate.reply_ack = acked & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0;
+            gate.inflight = acked & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0;
+        }
+        if inflight.enabled()
+            && gate.inflight
+            && (hdr.request == GET_INFLIGHT_FD || hdr.request == SET_INFLIGHT_FD)
+        {
+            answer_inflight(link, &hdr, payload, fds, inflight, gate.reply_ack)?;
+            continue;
         }
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         send_backend(link, &buf, &raw)?;
@@ -472,6 +590,13 @@ fn frontend_to_backend(link: &Link, channel: &BackendChannel) -> Result<(), Shim
         if hdr.request == SET_VRING_CALL {
             if let [call] = fds.as_slice() {
                 signal_once(call);
+            }
+        }
+        // A restarted backend has chains to resubmit, and the guest,
+        // waiting for them, may never kick: kick once, as libvhost-user does.
+        if hdr.request == SET_VRING_KICK && inflight.enabled() {
+            if let [kick] = fds.as_slice() {
+                signal_once(kick);
             }
         }
         if hdr.request == SET_BACKEND_REQ_FD {
