@@ -3,6 +3,7 @@
 # and checks the data in the guest and, after poweroff, on the host.
 #   tests/guest/run.sh full        guest RAM shared with the backend (classic KVM)
 #   tests/guest/run.sh restricted  only a 256 MiB memfd window shared; swiotlb=force
+# The backend runs `blk --cache none --aio io_uring` (BLK_OPTS overrides).
 # Needs tests/guest/fetch.sh to have run. Uses TCG unless RINGFENCE_GUEST_ACCEL=kvm:
 # nested KVM on these machines does not run guests (they hang in the decompressor).
 set -euo pipefail
@@ -50,7 +51,9 @@ truncate -s 256M "$image"
 sock=$WORK/vhost.sock
 backend_args=() device_args=(--num-queues 2)
 if [ "$MODE" = restricted ]; then backend_args=(--shared-window --window-max-mib 256) device_args=(); fi
-RUST_LOG=${RUST_LOG:-info} "$BIN" vhost-user --socket-path "$sock" "${backend_args[@]}" blk --image "$image" "${device_args[@]}" \
+# O_DIRECT and many requests in flight on io_uring unless told otherwise.
+read -r -a blk_opts <<<"${BLK_OPTS:---cache none --aio io_uring}"
+RUST_LOG=${RUST_LOG:-info} "$BIN" vhost-user --socket-path "$sock" "${backend_args[@]}" blk --image "$image" "${device_args[@]}" "${blk_opts[@]}" \
     >"$WORK/backend.log" 2>&1 &
 BACKEND_PID=$!
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
@@ -116,6 +119,7 @@ if [ "$MODE" = restricted ]; then
     grep 'serving shared window' "$WORK/backend.log" | head -n1 | sed "s/^.*INFO/[$MODE] backend:/"
 fi
 grep 'negotiated features' "$WORK/backend.log" | tail -n1 | sed "s/^.*INFO/[$MODE] backend:/" || true
+grep 'queues started' "$WORK/backend.log" | tail -n1 | sed "s/^.*INFO/[$MODE] backend:/" || true
 grep -q 'config change sent to the frontend' "$WORK/backend.log" || fail "backend sent no config change"
 ! grep -q 'Unexpected end-of-file' "$WORK/console.log" || fail "QEMU: Unexpected end-of-file"
 echo "[$MODE] PASS: guest boot + workload in ${secs}s (accel=$accel), e2fsck clean, file checksums match, resize seen"

@@ -525,10 +525,26 @@ impl VhostUserDevice {
         queue.set_next_avail(recovery.next_avail);
         queue.set_next_used(u16::from_le(ring_used));
         if !recovery.resubmit.is_empty() {
+            // Would the frontend's rewind to the used index have fetched
+            // exactly these again? Only if they are the next available
+            // entries after it, in order: then nothing completed out of order.
+            let avail_at = |i: u16| {
+                let slot = u64::from(i % queue.size().max(1));
+                GuestAddress(queue.avail_ring())
+                    .0
+                    .checked_add(4 + 2 * slot)
+                    .and_then(|a| mem.read_obj::<u16>(GuestAddress(a)).ok())
+                    .map(u16::from_le)
+            };
+            let rewind_would_do =
+                recovery.resubmit.iter().enumerate().all(|(k, &h)| {
+                    avail_at(u16::from_le(ring_used).wrapping_add(k as u16)) == Some(h)
+                });
             tracing::info!(
                 queue = index,
                 count = recovery.resubmit.len(),
                 heads = ?recovery.resubmit,
+                out_of_order = !rewind_would_do,
                 "resubmitting the requests a previous backend left in flight"
             );
             self.stats

@@ -214,3 +214,61 @@ fn hostile_records_are_bounded_by_the_queue() {
     assert!(InflightShm::create(0, 16).is_err());
     assert!(InflightShm::create(1, 0).is_err());
 }
+
+/// Request 1 of `publish_reads` turned into a GET_ID, which the device
+/// answers at once, ahead of request 0's read still running.
+fn make_get_id(mem: &DeviceMemory, r: u64) {
+    mem.write_obj(VIRTIO_BLK_T_GET_ID.to_le(), GuestAddress(HDRS + 16 * r))
+        .unwrap();
+}
+
+#[test]
+fn without_the_record_a_rewind_to_the_used_index_repeats_one_request_and_loses_another() {
+    for tracked in [false, true] {
+        let (_img, mut blk) = blk(if tracked { "tracked" } else { "untracked" });
+        let mem = DeviceMemory::from_ranges(&[(GuestAddress(AREA), 8 << 20)]).unwrap();
+        let mock = publish_reads(&mem, 2);
+        make_get_id(&mem, 1);
+        let shm = Arc::new(InflightShm::create(1, QSIZE).unwrap());
+        let mut log = QueueLog::new(shm.clone(), 0, QSIZE).unwrap();
+        log.recover(0);
+        let stats = QueueStats::default();
+        let mut handlers = blk.activate(0).unwrap();
+        let mut q: Queue = mock.create_queue().unwrap();
+        process_queue_logged(&mut q, &mem, handlers[0].as_mut(), &stats, &mut log).unwrap();
+        assert_eq!(used(&mem, &mock), vec![1], "GET_ID overtook the read");
+        assert_eq!(handlers[0].in_flight(), 1);
+        // The backend dies; the frontend rewinds to the used index (1).
+        drop(handlers);
+        blk.reset();
+        let mut q: Queue = mock.create_queue().unwrap();
+        q.set_next_avail(1);
+        q.set_next_used(1);
+        let mut handlers = blk.activate(0).unwrap();
+        let mut log = QueueLog::new(shm, 0, QSIZE).unwrap();
+        if tracked {
+            let rec = log.recover(1);
+            q.set_next_avail(rec.next_avail);
+            resubmit(&mut q, &mem, handlers[0].as_mut(), &rec.resubmit, &mut log).unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while process_queue_logged(&mut q, &mem, handlers[0].as_mut(), &stats, &mut log)
+            .unwrap()
+            .in_flight
+        {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if tracked {
+            assert_eq!(
+                used(&mem, &mock),
+                vec![1, 0],
+                "each once: the read resubmitted"
+            );
+        } else {
+            // The GET_ID ran twice and the read never completes: a guest
+            // waiting for it hangs.
+            assert_eq!(used(&mem, &mock), vec![1, 1]);
+        }
+    }
+}
