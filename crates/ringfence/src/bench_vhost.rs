@@ -288,14 +288,26 @@ pub fn run(args: VhostBenchArgs) -> Result<bool, Box<dyn std::error::Error>> {
             let _ = run_row(peer, row, Duration::from_millis(100), span, 1);
         }
     }
+    let n_peers = peers.len();
     for round in 0..args.rounds.max(1) {
         for (row, per_peer) in rows.iter().zip(results.iter_mut()) {
-            for (p, peer) in peers.iter_mut().enumerate() {
-                if args.cold {
+            // Who goes first alternates from round to round: whatever the
+            // first leaves behind (a warmer disk, a busier one) is shared.
+            for k in 0..n_peers {
+                let p = (k + round) % n_peers;
+                let Some(peer) = peers.get_mut(p) else {
+                    continue;
+                };
+                let seed = if args.cold {
                     drop_from_page_cache(&image_file);
-                }
-                // The same offsets for every backend within a round.
-                let r = run_row(peer, row, duration, span, round as u64 + 11);
+                    // Offsets of their own: blocks another backend just
+                    // read may still sit in the disk's (or the host's) cache.
+                    (round * n_peers + p) as u64 + 11
+                } else {
+                    // The same offsets for every backend within a round.
+                    round as u64 + 11
+                };
+                let r = run_row(peer, row, duration, span, seed);
                 if let Some(v) = per_peer.get_mut(p) {
                     v.push(r);
                 }
