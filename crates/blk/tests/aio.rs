@@ -165,6 +165,16 @@ impl<'m> Driver<'m> {
     }
 }
 
+/// Activates the device and serves the driver's queue until nothing is in
+/// flight; returns the calls' sum and the queue's counters.
+fn serve(blk: &mut Blk, driver: &Driver<'_>) -> (ringfence_device::Processed, QueueStats) {
+    let mut handlers = blk.activate(0).unwrap();
+    let mut q = driver.queue();
+    let stats = QueueStats::default();
+    let done = process_until_idle(&mut q, driver.mem, handlers[0].as_mut(), &stats, WAIT).unwrap();
+    (done, stats)
+}
+
 fn sector_byte(s: u64) -> u8 {
     (s % 251) as u8 + 1
 }
@@ -187,10 +197,7 @@ fn many_reads_in_flight_on_one_queue_all_complete_with_their_own_data() {
             .map(|r| req(VIRTIO_BLK_T_IN, (r * 97 % 500) * 8, 4096))
             .collect();
         let driver = Driver::new(&mem, &reqs);
-        let mut handlers = blk.activate(0).unwrap();
-        let mut q = driver.queue();
-        let stats = QueueStats::default();
-        let done = process_until_idle(&mut q, &mem, handlers[0].as_mut(), &stats, WAIT).unwrap();
+        let (done, stats) = serve(&mut blk, &driver);
         assert_eq!(done.chains, 32);
         assert!(!done.in_flight);
         assert_eq!(driver.used_idx(), 32);
@@ -229,10 +236,7 @@ fn a_request_answered_at_once_overtakes_a_read_in_flight() {
         req(VIRTIO_BLK_T_GET_ID, 0, 20),
     ];
     let driver = Driver::new(&mem, &reqs);
-    let mut handlers = blk.activate(0).unwrap();
-    let mut q = driver.queue();
-    let stats = QueueStats::default();
-    process_until_idle(&mut q, &mem, handlers[0].as_mut(), &stats, WAIT).unwrap();
+    serve(&mut blk, &driver);
     assert_eq!(
         driver.used(),
         vec![(1, 21), (0, 4097)],
@@ -257,10 +261,7 @@ fn writes_and_a_flush_in_flight_land_on_the_image() {
                 .unwrap();
         }
         let driver = Driver::new(&mem, &reqs);
-        let mut handlers = blk.activate(0).unwrap();
-        let mut q = driver.queue();
-        let stats = QueueStats::default();
-        process_until_idle(&mut q, &mem, handlers[0].as_mut(), &stats, WAIT).unwrap();
+        serve(&mut blk, &driver);
         assert_eq!(driver.used_idx(), 17);
         for r in 0..17 {
             assert_eq!(
@@ -297,10 +298,7 @@ fn one_bad_request_among_good_ones_fails_alone() {
         req(0xDEAD, 0, 512),
     ];
     let driver = Driver::new(&mem, &reqs);
-    let mut handlers = blk.activate(0).unwrap();
-    let mut q = driver.queue();
-    let stats = QueueStats::default();
-    process_until_idle(&mut q, &mem, handlers[0].as_mut(), &stats, WAIT).unwrap();
+    serve(&mut blk, &driver);
     assert_eq!(driver.used_idx(), 4);
     let statuses: Vec<u8> = (0..4).map(|r| driver.status(r)).collect();
     assert_eq!(
@@ -363,10 +361,7 @@ fn unaligned_buffers_with_o_direct_go_through_the_bounce_buffer() {
             .unwrap();
         let reqs = [odd(VIRTIO_BLK_T_IN, 24), odd(VIRTIO_BLK_T_OUT, 64)];
         let driver = Driver::new(&mem, &reqs);
-        let mut handlers = blk.activate(0).unwrap();
-        let mut q = driver.queue();
-        let stats = QueueStats::default();
-        process_until_idle(&mut q, &mem, handlers[0].as_mut(), &stats, WAIT).unwrap();
+        serve(&mut blk, &driver);
         assert_eq!(driver.status(0), VIRTIO_BLK_S_OK as u8, "{aio:?}");
         assert_eq!(driver.status(1), VIRTIO_BLK_S_OK as u8, "{aio:?}");
         let mut got = vec![0u8; 4096];
