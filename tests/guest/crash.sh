@@ -137,6 +137,8 @@ if [ "$MODE" = off ]; then
     exit 1
 fi
 [ "$resubmitted" -ge 1 ] || problems+=("no restart found requests in flight: the test tested nothing")
+grep -q 'queues started aio=IoUring' "$WORK/backend.log" || problems+=("io_uring not in use")
+! grep -q 'aio sync' "$WORK/backend.log" || problems+=("a queue fell back to aio sync")
 if [ ${#problems[@]} -gt 0 ]; then
     printf '[crash-on] FAIL: %s\n' "${problems[@]}"
     echo "--- console"; tail -n 30 "$WORK/console.txt"

@@ -120,6 +120,9 @@ if [ "$MODE" = restricted ]; then
 fi
 grep 'negotiated features' "$WORK/backend.log" | tail -n1 | sed "s/^.*INFO/[$MODE] backend:/" || true
 grep 'queues started' "$WORK/backend.log" | tail -n1 | sed "s/^.*INFO/[$MODE] backend:/" || true
+case "${blk_opts[*]}" in
+    *io_uring*) grep -q 'queues started aio=IoUring' "$WORK/backend.log" || fail "io_uring not in use (rings made before the sandbox?)" ;;
+esac
 grep -q 'config change sent to the frontend' "$WORK/backend.log" || fail "backend sent no config change"
 ! grep -q 'Unexpected end-of-file' "$WORK/console.log" || fail "QEMU: Unexpected end-of-file"
 echo "[$MODE] PASS: guest boot + workload in ${secs}s (accel=$accel), e2fsck clean, file checksums match, resize seen"

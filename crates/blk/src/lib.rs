@@ -230,6 +230,9 @@ impl DirectAlign {
 #[derive(Debug)]
 pub struct Blk {
     disk: Arc<Disk>,
+    /// io_uring rings made in advance (see [`Blk::prepare_rings`]), shared
+    /// with every instance cloned from this one.
+    rings: Arc<uring::RingPool>,
     opts: BlkOptions,
     config: [u8; CONFIG_SIZE],
     writeback: bool,
@@ -338,6 +341,7 @@ impl Blk {
         }
         let mut blk = Blk {
             disk,
+            rings: Arc::default(),
             config: [0; CONFIG_SIZE],
             opts,
             writeback: true,
@@ -387,10 +391,29 @@ impl Blk {
                 direct: disk.direct,
                 flush: disk.flush,
             }),
+            rings: self.rings.clone(),
             opts: self.opts.clone(),
             config: self.config,
             writeback: self.writeback,
         })
+    }
+
+    /// Makes io_uring rings in advance, one per queue for `instances`
+    /// instances of this image (this one and its clones), so that a daemon
+    /// can forbid `io_uring_setup` in its sandbox: a new ring is then made
+    /// only while none is free, and where that is refused the queue runs
+    /// `aio sync`. Returns how many rings are ready; none for `aio sync`.
+    pub fn prepare_rings(&self, instances: usize) -> io::Result<usize> {
+        if self.opts.aio != Aio::IoUring {
+            return Ok(0);
+        }
+        use std::os::fd::AsRawFd;
+        let want = instances.saturating_mul(usize::from(self.opts.num_queues));
+        while self.rings.len() < want {
+            let ring = uring::Uring::new(self.disk.file.as_raw_fd(), self.opts.queue_size)?;
+            self.rings.put(ring);
+        }
+        Ok(self.rings.len())
     }
 
     /// Capacity in sectors.
@@ -480,7 +503,7 @@ impl VirtioDevice for Blk {
         for _ in 0..queues {
             let mut queue = BlkQueue::new(self.disk.clone(), self.opts.queue_size);
             if aio == Aio::IoUring {
-                if let Err(e) = queue.start_uring() {
+                if let Err(e) = queue.start_uring(&self.rings) {
                     tracing::warn!(error = %e, "io_uring unavailable: requests run one at a time (aio sync)");
                     aio = Aio::Sync;
                 }

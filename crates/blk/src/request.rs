@@ -12,7 +12,7 @@ use ringfence_device::{
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
-use crate::uring::{Op, Pending, Uring};
+use crate::uring::{Op, Pending, RingPool, Uring};
 use crate::{Disk, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE, SIZE_MAX};
 
 /// Request counters of a block device.
@@ -66,6 +66,18 @@ pub struct BlkQueue {
     uring: Option<Uring>,
     /// Aligned staging for O_DIRECT transfers of unaligned guest buffers.
     bounce: Option<AlignedBuf>,
+    /// Where the ring goes back when the queue stops.
+    pool: Option<Arc<RingPool>>,
+}
+
+impl Drop for BlkQueue {
+    fn drop(&mut self) {
+        if let (Some(mut ring), Some(pool)) = (self.uring.take(), self.pool.take()) {
+            if ring.drain() {
+                pool.put(ring);
+            }
+        }
+    }
 }
 
 /// Header of a virtio-blk request, copied out of shared memory.
@@ -86,13 +98,20 @@ impl BlkQueue {
             max_descriptors: usize::from(queue_size),
             uring: None,
             bounce: None,
+            pool: None,
         }
     }
 
-    /// Runs this queue's reads, writes and flushes on an io_uring.
-    pub(crate) fn start_uring(&mut self) -> std::io::Result<()> {
+    /// Runs this queue's reads, writes and flushes on an io_uring: one
+    /// from `pool` (made before the sandbox), else a new one.
+    pub(crate) fn start_uring(&mut self, pool: &Arc<RingPool>) -> std::io::Result<()> {
         let entries = u16::try_from(self.max_descriptors).unwrap_or(u16::MAX);
-        self.uring = Some(Uring::new(self.disk.file.as_raw_fd(), entries)?);
+        let ring = match pool.take(entries) {
+            Some(r) => r,
+            None => Uring::new(self.disk.file.as_raw_fd(), entries)?,
+        };
+        self.uring = Some(ring);
+        self.pool = Some(pool.clone());
         Ok(())
     }
 

@@ -199,11 +199,13 @@ impl Uring {
                     // is left in the SQ goes with the next submission (every
                     // completion wakes the queue).
                     tracing::warn!(error = %e, "io_uring submission deferred");
-                    return;
+                    break;
                 }
             }
         }
-        self.unsubmitted = false;
+        // The kernel may take fewer entries than queued: whatever is left
+        // waits for the next call, which a completion always brings.
+        self.unsubmitted = !self.ring.submission().is_empty();
     }
 
     /// The next finished request, if any. Never blocks.
@@ -240,20 +242,22 @@ impl Uring {
     }
 }
 
-impl Drop for Uring {
+impl Uring {
     /// A reset or a disconnect: the chains in flight are abandoned (the
     /// driver forgot them), but the kernel may still be moving their bytes.
-    /// Wait for it, boundedly; past the bound, leak the slots (and so the
+    /// Waits for it, boundedly; past the bound, leaks the slots (and so the
     /// memory views) rather than let the kernel write into freed memory.
-    fn drop(&mut self) {
+    /// True when nothing is left in flight: the ring can serve again.
+    pub(crate) fn drain(&mut self) -> bool {
         self.submit();
         let deadline = Instant::now() + DRAIN_TIMEOUT;
-        while self.in_flight() > 0 {
+        loop {
             while let Some(r) = self.reap() {
                 self.release(r.slot);
             }
             if self.in_flight() == 0 {
-                return;
+                let _ = self.event.read();
+                return true;
             }
             if Instant::now() >= deadline {
                 tracing::error!(
@@ -261,11 +265,48 @@ impl Drop for Uring {
                     "image I/O still running after {DRAIN_TIMEOUT:?}: leaking its buffers"
                 );
                 std::mem::forget(std::mem::take(&mut self.slots));
-                return;
+                self.free.clear();
+                return false;
             }
             let ts = types::Timespec::new().nsec(50_000_000);
             let args = types::SubmitArgs::new().timespec(&ts);
             let _ = self.ring.submitter().submit_with_args(1, &args);
         }
+    }
+
+    /// How many requests the ring can hold in flight.
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+impl Drop for Uring {
+    fn drop(&mut self) {
+        self.drain();
+    }
+}
+
+/// Rings made before the sandbox forbids making them (`io_uring_setup`
+/// would let code that took over the process build an unrestricted ring),
+/// shared by every instance of one image and returned when a queue stops.
+#[derive(Debug, Default)]
+pub(crate) struct RingPool(std::sync::Mutex<Vec<Uring>>);
+
+impl RingPool {
+    pub(crate) fn put(&self, ring: Uring) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(ring);
+    }
+
+    /// A ring for at least `entries` requests, if one is free.
+    pub(crate) fn take(&self, entries: u16) -> Option<Uring> {
+        let mut rings = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let at = rings
+            .iter()
+            .position(|r| r.capacity() >= usize::from(entries))?;
+        Some(rings.swap_remove(at))
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }

@@ -461,7 +461,8 @@ pub trait InflightLog {
 }
 
 /// Logs nothing.
-struct NoLog;
+#[derive(Debug, Default)]
+pub struct NoLog;
 
 impl InflightLog for NoLog {
     fn popped(&mut self, _: u16) {}
@@ -481,6 +482,26 @@ pub fn add_used_logged(
     queue.add_used(mem, head, len)?;
     log.completed(head, queue.next_used());
     Ok(())
+}
+
+/// Puts every chain `handler` has finished on the used ring (logged) and
+/// takes no new ones: for a ring being stopped, whose chains in flight must
+/// be answered before the frontend is told where the ring stands. Returns
+/// how many were put.
+pub fn drain_completed<H: QueueHandler + ?Sized>(
+    queue: &mut Queue,
+    mem: &DeviceMemory,
+    handler: &mut H,
+    stats: &QueueStats,
+    log: &mut dyn InflightLog,
+) -> Result<u64, QueueFailure> {
+    let mut answered = 0u64;
+    while let Some(done) = handler.next_completed() {
+        add_used_logged(queue, mem, done.head, done.len, log)?;
+        answered += 1;
+    }
+    stats.chains.fetch_add(answered, Ordering::Relaxed);
+    Ok(answered)
 }
 
 /// [`process_queue`], recording every chain popped and every chain used in

@@ -219,10 +219,18 @@ impl WorkerCtx {
                     self.needs_reset.store(true, Ordering::SeqCst);
                     let _ = self.interrupt.trigger(InterruptKind::Config);
                     // Stay parked until reset: the queue is not touched again
-                    // and kicks are no longer read.
+                    // and kicks are no longer read. Requests still running
+                    // are reaped (and dropped) as they finish, so that
+                    // their memory views do not hold areas being revoked.
                     while !stop.load(Ordering::SeqCst) {
-                        poll_any(&[self.wake.fd()]);
+                        let source = if self.handler.in_flight() > 0 {
+                            self.handler.wake_fd().unwrap_or(-1)
+                        } else {
+                            -1
+                        };
+                        poll_any(&[self.wake.fd(), source]);
                         self.wake.clear();
+                        while self.handler.next_completed().is_some() {}
                     }
                     return;
                 }

@@ -168,6 +168,23 @@ pub fn sandbox(
     Ok(())
 }
 
+/// Makes, before the sandbox forbids it, what `instances` instances of
+/// `template` need (io_uring rings); a failure leaves those instances to
+/// run without (aio sync), with a warning.
+pub fn prepare_template(template: &DeviceTemplate, instances: usize) {
+    match template.prepare(instances) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            kind = template.kind(),
+            rings = n,
+            "io_uring rings made before the sandbox"
+        ),
+        Err(e) => {
+            tracing::warn!(kind = template.kind(), error = %e, "io_uring rings not made: queues without one run aio sync")
+        }
+    }
+}
+
 pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
     install_signal_handlers();
     // The image is opened once, here: each connection gets its own device
@@ -190,6 +207,9 @@ pub fn run(args: BackendArgs) -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     let listener = Listener::bind(&args.socket_path)?;
+    for t in &templates {
+        prepare_template(t, args.max_connections);
+    }
     sandbox(
         ringfence_sandbox::Profile::Backend,
         &list,
@@ -269,6 +289,10 @@ fn run_ivshmem(
     let ram = ringfence_bus_ivshmem::map_guest_ram(ram_path)?;
     let mut server =
         ringfence_bus_ivshmem::IvshmemServer::bind(&args.socket_path, args.shm_size, args.vectors)?;
+    // One driver at a time: one instance's rings, returned after each session.
+    for t in templates {
+        prepare_template(t, 1);
+    }
     sandbox(
         ringfence_sandbox::Profile::Backend,
         list,

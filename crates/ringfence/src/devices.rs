@@ -313,6 +313,9 @@ type Factory = Box<dyn Fn() -> std::io::Result<Box<dyn VirtioDevice>> + Send + S
 pub struct DeviceTemplate {
     kind: &'static str,
     make: Factory,
+    /// Makes, before the sandbox, what instances would otherwise make
+    /// later (io_uring rings for `instances` instances).
+    prepare: Option<Box<dyn Fn(usize) -> std::io::Result<usize> + Send + Sync>>,
     /// Set while the one instance of an unshareable device is live.
     in_use: Option<Arc<AtomicBool>>,
 }
@@ -342,6 +345,7 @@ impl DeviceTemplate {
         Self {
             kind,
             make,
+            prepare: None,
             in_use: None,
         }
     }
@@ -350,8 +354,16 @@ impl DeviceTemplate {
         Self {
             kind,
             make,
+            prepare: None,
             in_use: Some(Arc::new(AtomicBool::new(false))),
         }
+    }
+
+    /// Makes in advance what `instances` instances need and may not make
+    /// once the sandbox is installed (io_uring rings); returns how many
+    /// such things are ready.
+    pub fn prepare(&self, instances: usize) -> std::io::Result<usize> {
+        self.prepare.as_ref().map_or(Ok(0), |p| p(instances))
     }
 
     /// The device kind.
@@ -410,11 +422,15 @@ pub fn open(args: &DeviceArgs) -> Result<DeviceTemplate, Box<dyn std::error::Err
                     ..Default::default()
                 },
             )?;
-            // Several frontends may share an image (each its own instance).
-            DeviceTemplate::shared(
+            // Several frontends may share an image (each its own instance,
+            // all drawing on the rings made by `prepare`).
+            let preparer = blk.try_clone()?;
+            let mut template = DeviceTemplate::shared(
                 "blk",
                 Box::new(move || Ok(Box::new(blk.try_clone()?) as Box<dyn VirtioDevice>)),
-            )
+            );
+            template.prepare = Some(Box::new(move |n| preparer.prepare_rings(n)));
+            template
         }
         DeviceArgs::Rng { rate_limit } => {
             // One budget for every frontend: several connections cannot

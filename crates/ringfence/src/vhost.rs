@@ -56,7 +56,11 @@ pub struct VhostUserArgs {
 
 pub fn run(args: VhostUserArgs) -> Result<bool, Box<dyn std::error::Error>> {
     install_signal_handlers();
-    let device = open(&args.device)?.instance()?;
+    let template = open(&args.device)?;
+    // The one instance keeps its rings across connections (each queue
+    // returns its ring when it stops).
+    crate::backend::prepare_template(&template, 1);
+    let device = template.instance()?;
     let policy = if args.shared_window {
         MemoryPolicy::SharedWindow {
             max_bytes: args.window_max_mib << 20,

@@ -6,7 +6,7 @@
 use std::ffi::CString;
 use std::process::Command;
 
-use ringfence_sandbox::{install, Profile};
+use ringfence_sandbox::{install_with, Profile};
 
 const PROBE: &str = "RINGFENCE_SANDBOX_PROBE";
 
@@ -30,7 +30,11 @@ fn probe() {
     } else {
         Profile::Backend
     };
-    let allowed = install(profile).unwrap();
+    let extras = ringfence_sandbox::Extras {
+        io_uring: which == "backend-io_uring",
+        ..Default::default()
+    };
+    let allowed = install_with(profile, extras).unwrap();
     let tmp = CString::new(format!("/tmp/ringfence-sandbox-{}", std::process::id())).unwrap();
     let status = CString::new("/proc/self/status").unwrap();
     let sh = CString::new("/bin/true").unwrap();
@@ -75,6 +79,30 @@ fn probe() {
         (
             "ptrace",
             errno_of(unsafe { libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) }),
+        ),
+        (
+            // A ring made now would be unrestricted: refused even with
+            // io_uring allowed (rings are made before the filter).
+            "io_uring_setup",
+            errno_of(unsafe {
+                let mut params = [0u8; 120];
+                libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr())
+            }),
+        ),
+        (
+            // On a descriptor that is no ring: EBADF where it is allowed.
+            "io_uring_enter",
+            errno_of(unsafe {
+                libc::syscall(
+                    libc::SYS_io_uring_enter,
+                    -1,
+                    0,
+                    0,
+                    0,
+                    std::ptr::null::<u8>(),
+                    0,
+                )
+            }),
         ),
         (
             "thread",
@@ -127,6 +155,23 @@ fn forbidden_calls_are_refused_and_the_daemons_calls_still_work() {
             "backend: {expect} in {backend}"
         );
     }
+    assert!(
+        backend.contains(&format!(" io_uring_setup={eperm}")),
+        "{backend}"
+    );
+    assert!(
+        backend.contains(&format!(" io_uring_enter={eperm}")),
+        "{backend}"
+    );
+    let uring = run_probe("backend-io_uring");
+    assert!(
+        uring.contains(&format!(" io_uring_setup={eperm}")),
+        "{uring}"
+    );
+    assert!(
+        uring.contains(&format!(" io_uring_enter={}", libc::EBADF)),
+        "io_uring_enter allowed for io_uring blk: {uring}"
+    );
     let vhost = run_probe("vhost-user");
     for expect in [
         "socket_unix=0".to_string(),

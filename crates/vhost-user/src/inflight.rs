@@ -217,6 +217,15 @@ impl InflightShm {
         if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
             return Err(bad("file not sealed against shrinking"));
         }
+        // Only shmem: a hugetlbfs memfd can lose its pages under a sealed
+        // size (a punched hole, an empty pool) and fault us with SIGBUS.
+        // SAFETY: statfs is plain old data; all-zero is a valid value.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs on a descriptor we own writes one struct statfs.
+        let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) };
+        if r != 0 || fs.f_type != libc::TMPFS_MAGIC {
+            return Err(bad("not a shmem memfd"));
+        }
         let file_len = file.metadata().map_err(io_err("fstat"))?.len();
         if desc
             .mmap_offset
@@ -225,9 +234,10 @@ impl InflightShm {
         {
             return Err(bad("range past the end of the file"));
         }
+        // Only what the queues need: the rest is the frontend's business.
         Self::map_file(
             file,
-            len,
+            need,
             desc.mmap_offset,
             desc.num_queues,
             desc.queue_size,
@@ -273,6 +283,15 @@ impl InflightShm {
             num_queues,
             file,
         })
+    }
+
+    /// Forgets every queue's record (a device reset: the driver forgot its
+    /// requests, so none may be resubmitted to the next one).
+    pub fn forget_all(&self) {
+        let region = queue_region_size(self.queue_size);
+        for q in 0..usize::from(self.num_queues) {
+            self.write::<u16>(q * region + VERSION_AT, 0);
+        }
     }
 
     /// The descriptor to hand to the frontend.
@@ -546,7 +565,9 @@ pub fn resubmit(
     while let Some(chain) = private.pop_descriptor_chain(&view) {
         let head = chain.head_index();
         log.popped(head);
-        if let Started::Done(len) = handler.start_chain(chain, &view)? {
+        // Buffers resolve in guest memory only: the scratch page is for
+        // reading the heads, never for a descriptor to point at.
+        if let Started::Done(len) = handler.start_chain(chain, mem)? {
             add_used_logged(queue, mem, head, len, log)?;
             answered += 1;
         }

@@ -43,6 +43,9 @@ pub const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_F_ACCESS_PLATFORM)
     | VHOST_USER_F_PROTOCOL_FEATURES;
 
+/// How long GET_VRING_BASE waits for a ring's requests in flight.
+const STOP_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Which guest memory the backend accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemoryPolicy {
@@ -197,6 +200,12 @@ pub struct VhostUserDevice {
     /// Each queue's record in it, from the queue's first service after
     /// activation (when the previous backend's chains are resubmitted).
     logs: Vec<Mutex<Option<inflight::QueueLog>>>,
+    /// The record was looked for in this activation (once: memory that
+    /// arrives later must not rewind a live queue).
+    log_tried: Vec<AtomicBool>,
+    /// Each queue's vring as last served, for `stop_vring`, which is not
+    /// given it but must put what completes on its used ring.
+    vrings: Vec<Mutex<Option<VringRwLock<GuestMemoryAtomic<DeviceMemory>>>>>,
     /// The wake fd of each starved queue's handler, while it is registered
     /// on that queue's worker epoll.
     watched: Vec<Mutex<Option<std::os::fd::RawFd>>>,
@@ -242,6 +251,8 @@ impl VhostUserDevice {
             asynchronous: (0..n).map(|_| AtomicBool::new(false)).collect(),
             inflight: Arc::new(InflightSlot::default()),
             logs: (0..n).map(|_| Mutex::new(None)).collect(),
+            log_tried: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            vrings: (0..n).map(|_| Mutex::new(None)).collect(),
             watched: (0..n).map(|_| Mutex::new(None)).collect(),
             epolls: Mutex::new(Vec::new()),
             memory: Mutex::new(None),
@@ -346,14 +357,20 @@ impl VhostUserDevice {
     }
 
     fn deactivate(&self, inner: &mut Inner) {
-        // Stop watching the handlers' sources before the handlers close them.
-        for q in 0..self.num_queues {
+        // Stop watching each handler's source before it closes it, under the
+        // handler's lock: a worker inside serve_queue (which holds it) cannot
+        // register the source again in between.
+        for (q, h) in self.handlers.iter().enumerate() {
+            let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
             self.watch_source(q, None);
+            *h = None;
         }
-        for h in &self.handlers {
-            *h.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        }
-        for b in self.broken.iter().chain(&self.asynchronous) {
+        for b in self
+            .broken
+            .iter()
+            .chain(&self.asynchronous)
+            .chain(&self.log_tried)
+        {
             b.store(false, Ordering::Relaxed);
         }
         // After the handlers: serve_queue takes a queue's log while holding
@@ -405,11 +422,15 @@ impl VhostUserDevice {
         index: u16,
         vring: &VringRwLock<GuestMemoryAtomic<DeviceMemory>>,
     ) -> Result<(), VhostUserDeviceError> {
+        // A queue left alone (broken, or no accepted memory) must not keep
+        // its handler's completion fd watched: nothing would drain it and
+        // the level-triggered epoll would spin.
         if self
             .broken
             .get(usize::from(index))
             .is_some_and(|b| b.load(Ordering::Relaxed))
         {
+            self.watch_source(usize::from(index), None);
             return Ok(());
         }
         self.ensure_active()?;
@@ -419,8 +440,15 @@ impl VhostUserDevice {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
         else {
+            self.watch_source(usize::from(index), None);
             return Ok(());
         };
+        if let Some(v) = self.vrings.get(usize::from(index)) {
+            let mut v = v.lock().unwrap_or_else(|p| p.into_inner());
+            if v.is_none() {
+                *v = Some(vring.clone());
+            }
+        }
         let mut slot = self
             .handlers
             .get(usize::from(index))
@@ -435,15 +463,29 @@ impl VhostUserDevice {
             .logs
             .get(usize::from(index))
             .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()));
+        let first_look = self
+            .log_tried
+            .get(usize::from(index))
+            .is_some_and(|t| !t.swap(true, Ordering::Relaxed));
         if let Some(log) = log.as_mut() {
-            if log.is_none() && self.inflight.enabled() {
+            if first_look && self.inflight.enabled() {
                 let mut state = vring.get_mut();
-                **log = self
-                    .start_log(index, state.get_queue_mut(), &mem, handler.as_mut())
+                let queue = state.get_queue_mut();
+                let (opened, answered) = self
+                    .start_log(index, queue, &mem, handler.as_mut())
                     .map_err(|source| VhostUserDeviceError::Queue {
                         queue: index,
                         source,
                     })?;
+                **log = opened;
+                // Resubmitted chains answered at once are on the used ring:
+                // the driver, waiting for them, must hear of it.
+                let notify = answered > 0
+                    && virtio_queue::QueueT::needs_notification(queue, &*mem).unwrap_or(true);
+                drop(state);
+                if notify {
+                    signal_used(index, vring);
+                }
             }
         }
         let mut log = log.as_mut().and_then(|l| l.as_mut());
@@ -503,18 +545,18 @@ impl VhostUserDevice {
         queue: &mut virtio_queue::Queue,
         mem: &DeviceMemory,
         handler: &mut dyn QueueHandler,
-    ) -> Result<Option<inflight::QueueLog>, ringfence_device::QueueFailure> {
+    ) -> Result<(Option<inflight::QueueLog>, u64), ringfence_device::QueueFailure> {
         use virtio_queue::QueueT;
         use vm_memory::{Bytes, GuestAddress};
         let Some(shm) = self.inflight.current() else {
-            return Ok(None);
+            return Ok((None, 0));
         };
         let Some(mut log) = inflight::QueueLog::new(shm, index, queue.size()) else {
             tracing::warn!(
                 queue = index,
                 "inflight memory does not cover this queue: not tracked"
             );
-            return Ok(None);
+            return Ok((None, 0));
         };
         let used_idx_addr = GuestAddress(queue.used_ring()).0.checked_add(2);
         let Some(ring_used) = used_idx_addr.and_then(|a| mem.read_obj::<u16>(GuestAddress(a)).ok())
@@ -550,11 +592,12 @@ impl VhostUserDevice {
             self.stats
                 .resubmitted
                 .fetch_add(recovery.resubmit.len() as u64, Ordering::Relaxed);
-            inflight::resubmit(queue, mem, handler, &recovery.resubmit, &mut log)?;
+            let answered = inflight::resubmit(queue, mem, handler, &recovery.resubmit, &mut log)?;
+            return Ok((Some(log), answered));
         } else if !recovery.fresh {
             tracing::info!(queue = index, "inflight record: nothing was in flight");
         }
-        Ok(Some(log))
+        Ok((Some(log), 0))
     }
 }
 
@@ -607,9 +650,102 @@ impl VhostUserBackend for VhostUserDevice {
             }
     }
 
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        // GET_VRING_BASE: the frontend is told how far the ring got, and an
+        // asynchronous handler's chains in flight must be on the used ring
+        // by then (else they are lost, or completed into a ring the driver
+        // reset). Bounded: a request the disk never finishes is reported.
+        let index = queue_index as usize;
+        let Some(slot) = self.handlers.get(index) else {
+            return Ok(());
+        };
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(handler) = slot.as_mut() else {
+            return Ok(());
+        };
+        if handler.in_flight() == 0 {
+            return Ok(());
+        }
+        let vring = self
+            .vrings
+            .get(index)
+            .and_then(|v| v.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        let mem = self
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (Some(vring), Some(mem), Some(stats)) = (vring, mem, self.queue_stats.get(index))
+        else {
+            return Ok(());
+        };
+        let mut log = self
+            .logs
+            .get(index)
+            .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()));
+        let deadline = std::time::Instant::now() + STOP_DRAIN_TIMEOUT;
+        let mut answered = 0u64;
+        loop {
+            let drained = {
+                let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
+                match log.as_mut().and_then(|l| l.as_mut()) {
+                    Some(l) => {
+                        ringfence_device::drain_completed(queue, &mem, handler.as_mut(), stats, l)
+                    }
+                    None => ringfence_device::drain_completed(
+                        queue,
+                        &mem,
+                        handler.as_mut(),
+                        stats,
+                        &mut ringfence_device::NoLog,
+                    ),
+                }
+            };
+            match drained {
+                Ok(n) => answered += n,
+                Err(e) => {
+                    tracing::warn!(queue = index, error = %e, "ring broken while stopping");
+                    break;
+                }
+            }
+            if handler.in_flight() == 0 || std::time::Instant::now() >= deadline {
+                break;
+            }
+            if let Some(fd) = handler.wake_fd() {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, 50) };
+            }
+        }
+        if handler.in_flight() > 0 {
+            tracing::warn!(
+                queue = index,
+                in_flight = handler.in_flight(),
+                "ring stopped with requests still running on the disk"
+            );
+        }
+        if answered > 0 {
+            tracing::debug!(
+                queue = index,
+                answered,
+                "completed in flight before the ring stopped"
+            );
+            signal_used(u16::try_from(index).unwrap_or(u16::MAX), &vring);
+        }
+        Ok(())
+    }
+
     fn reset_device(&self) {
         let mut inner = self.lock_inner();
         self.deactivate(&mut inner);
+        if let Some(shm) = self.inflight.current() {
+            shm.forget_all();
+        }
         tracing::info!("device reset by the frontend");
     }
 
@@ -718,6 +854,7 @@ impl VhostUserBackend for VhostUserDevice {
             if let Some(b) = self.broken.get(usize::from(device_event)) {
                 b.store(true, Ordering::Relaxed);
             }
+            self.watch_source(usize::from(device_event), None);
             tracing::error!(error = %e, "queue stopped until the device is reset");
         }
         Ok(())

@@ -74,8 +74,6 @@ const SET_PROTOCOL_FEATURES: u32 = 16;
 const SET_VRING_ENABLE: u32 = 18;
 /// `VHOST_USER_SET_VRING_CALL`.
 const SET_VRING_CALL: u32 = 13;
-/// `VHOST_USER_SET_VRING_KICK`.
-const SET_VRING_KICK: u32 = 12;
 /// `VHOST_USER_RESET_OWNER` and `VHOST_USER_RESET_DEVICE`.
 const RESET_OWNER: u32 = 4;
 const RESET_DEVICE: u32 = 34;
@@ -248,9 +246,7 @@ impl BackendChannel {
 /// As [`serve_with_enable_shim`], on a listener the caller owns (one bound
 /// by path and kept across connections, or one inherited: `--socket-fd`,
 /// systemd's `LISTEN_FDS`). With `inflight` enabled, the shim also answers
-/// GET/SET_INFLIGHT_FD (see [`crate::inflight`]) and rings each new kick
-/// once, so that a restarted backend resubmits without waiting for a guest
-/// that is itself waiting.
+/// GET/SET_INFLIGHT_FD (see [`crate::inflight`]).
 pub fn serve_listener_with_enable_shim<T>(
     daemon: &mut VhostUserDaemon<T>,
     listener: &Listener,
@@ -590,13 +586,6 @@ fn frontend_to_backend(
         if hdr.request == SET_VRING_CALL {
             if let [call] = fds.as_slice() {
                 signal_once(call);
-            }
-        }
-        // A restarted backend has chains to resubmit, and the guest,
-        // waiting for them, may never kick: kick once, as libvhost-user does.
-        if hdr.request == SET_VRING_KICK && inflight.enabled() {
-            if let [kick] = fds.as_slice() {
-                signal_once(kick);
             }
         }
         if hdr.request == SET_BACKEND_REQ_FD {
