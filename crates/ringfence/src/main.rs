@@ -15,6 +15,7 @@ mod endpoints;
 mod frontend;
 mod vhost;
 mod vhost_frontend;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -47,6 +48,9 @@ enum Cmd {
     /// Play the hypervisor of the hypervisor-copy model: hold grants and copy
     /// between a frontend's granted pages and a backend's own memory.
     Broker(broker::BrokerArgs),
+    /// Write and verify a disk on our own virtio-blk driver, attaching again
+    /// and resubmitting what was in flight when the backend restarts.
+    Writer(writer::WriterArgs),
 }
 
 pub(crate) struct TempDir(pub PathBuf);
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => bench::run(a),
         Cmd::VhostUser(a) => vhost::run(a),
         Cmd::Broker(a) => broker::run(a).map(|_| true),
+        Cmd::Writer(a) => writer::run(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
