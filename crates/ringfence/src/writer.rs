@@ -6,6 +6,12 @@
 //! write: a block has at most one write in flight, and only unacknowledged
 //! requests are submitted again (redoing one writes the same bytes).
 //!
+//! That holds when the old backend's I/O is over by the time the new
+//! session writes: true of a backend process that died (the kernel ends
+//! its requests with it), and of one that reset the device once its
+//! workers stopped. A backend that lives on with writes stuck in its disk
+//! is not covered.
+//!
 //! The workload writes `--blocks` 4 KiB blocks `--passes` times (each pass a
 //! new generation of every block), `--queue-depth` requests in flight, a
 //! FLUSH every 32 writes and at the end; then it reads every block back and
@@ -56,6 +62,9 @@ const QUEUE_SIZE: u16 = 128;
 const STALL: Duration = Duration::from_secs(10);
 /// Flush after this many acknowledged writes.
 const FLUSH_EVERY: u64 = 32;
+/// Sessions in a row lost before any request was acknowledged: a backend
+/// that fails every resubmission is given up on, not retried forever.
+const MAX_FRUITLESS_SESSIONS: u32 = 3;
 
 /// The bytes of `block` at generation `gen`: a header naming both, then a
 /// pattern from them.
@@ -185,9 +194,25 @@ pub fn run(args: WriterArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let mut final_flush_done = false;
     let mut out = Outcome::default();
     let mut session: Option<Session> = None;
+    let mut fruitless = 0u32;
+    let mut acked_at_attach = 0u64;
+    // What the first session found: a backend that comes back as another
+    // disk is not resubmitted to.
+    let mut device: Option<(u64, bool)> = None;
     loop {
         let Some(s) = session.as_mut() else {
             let s = attach_again(&args, depth, out.reconnects > 0 || next_seq > 0)?;
+            let found = (s.driver.capacity_sectors(), s.driver.read_only());
+            if *device.get_or_insert(found) != found {
+                return Err(format!(
+                    "the backend came back with another disk: {found:?}, was {device:?}"
+                )
+                .into());
+            }
+            if found.1 {
+                return Err("the disk is read-only".into());
+            }
+            acked_at_attach = out.acknowledged;
             let s = session.insert(s);
             // Resubmit, in first-submission order, what was never acknowledged.
             for (&seq, &op) in &journal {
@@ -250,6 +275,17 @@ pub fn run(args: WriterArgs) -> Result<bool, Box<dyn std::error::Error>> {
         if lost {
             session = None;
             out.reconnects += 1;
+            fruitless = if out.acknowledged == acked_at_attach {
+                fruitless + 1
+            } else {
+                0
+            };
+            if fruitless >= MAX_FRUITLESS_SESSIONS {
+                return Err(format!(
+                    "{fruitless} sessions in a row lost before any request completed"
+                )
+                .into());
+            }
             continue;
         }
         while let Some(c) = s.driver.pop()? {
@@ -314,6 +350,9 @@ fn attach_again(
             Ok(s) => {
                 if again {
                     tracing::info!("attached again");
+                } else {
+                    // Tests wait for this line before they disturb the backend.
+                    eprintln!("writer: attached");
                 }
                 return Ok(s);
             }

@@ -54,7 +54,7 @@ fn the_writer_attaches_again_and_resubmits_when_the_backend_is_killed_under_load
     let socket = env.socket();
     let (blocks, passes) = (1024u64, 120u32);
     let mut backend = Backend(backend_daemon(&socket, &image, &[]));
-    let writer = Command::new(BIN)
+    let mut writer = Command::new(BIN)
         .args(["writer", "--socket-path"])
         .arg(&socket)
         .args([
@@ -65,16 +65,28 @@ fn the_writer_attaches_again_and_resubmits_when_the_backend_is_killed_under_load
         ])
         .args(["--queue-depth", "16", "--json"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // The kills start once the writer is attached and writing.
+    let mut stderr = std::io::BufReader::new(writer.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("writer: attached") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        assert!(n > 0, "the writer ended before attaching");
+    }
+    // Drained on a thread, so that the writer never blocks on a full pipe.
+    let drain = std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(400));
         drop(backend);
+        // The dead backend's socket file stays: remove it, so that waiting
+        // for the socket waits for the new backend.
+        let _ = std::fs::remove_file(&socket);
         backend = Backend(backend_daemon(&socket, &image, &[]));
     }
     // A writer that lost a request would wait forever: bounded here.
-    let mut writer = writer;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while writer.try_wait().unwrap().is_none() {
         if std::time::Instant::now() >= deadline {
@@ -84,6 +96,7 @@ fn the_writer_attaches_again_and_resubmits_when_the_backend_is_killed_under_load
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = writer.wait_with_output().unwrap();
+    let _ = drain.join();
     let json = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("writer: {json}");
     assert!(out.status.success(), "writer failed: {json}");

@@ -43,8 +43,9 @@ pub const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_F_ACCESS_PLATFORM)
     | VHOST_USER_F_PROTOCOL_FEATURES;
 
-/// How long GET_VRING_BASE waits for a ring's requests in flight.
-const STOP_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long GET_VRING_BASE waits for a ring's requests in flight (QEMU
+/// waits for the reply, one queue after another).
+const STOP_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Which guest memory the backend accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,6 +374,9 @@ impl VhostUserDevice {
         {
             b.store(false, Ordering::Relaxed);
         }
+        for v in &self.vrings {
+            *v.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         // After the handlers: serve_queue takes a queue's log while holding
         // its handler, never the other way round.
         for l in &self.logs {
@@ -443,11 +447,15 @@ impl VhostUserDevice {
             self.watch_source(usize::from(index), None);
             return Ok(());
         };
+        // A ring being stopped (GET_VRING_BASE marks it not ready first):
+        // stop_vring answers what is in flight; popping would break it.
+        if !virtio_queue::QueueT::ready(vring.get_ref().get_queue()) {
+            self.watch_source(usize::from(index), None);
+            return Ok(());
+        }
+        // The vring of this connection's daemon (a new one per connection).
         if let Some(v) = self.vrings.get(usize::from(index)) {
-            let mut v = v.lock().unwrap_or_else(|p| p.into_inner());
-            if v.is_none() {
-                *v = Some(vring.clone());
-            }
+            *v.lock().unwrap_or_else(|p| p.into_inner()) = Some(vring.clone());
         }
         let mut slot = self
             .handlers
@@ -660,6 +668,8 @@ impl VhostUserBackend for VhostUserDevice {
             return Ok(());
         };
         let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        // Completions are answered here now, not by the worker.
+        self.watch_source(index, None);
         let Some(handler) = slot.as_mut() else {
             return Ok(());
         };
@@ -686,6 +696,9 @@ impl VhostUserBackend for VhostUserDevice {
         let deadline = std::time::Instant::now() + STOP_DRAIN_TIMEOUT;
         let mut answered = 0u64;
         loop {
+            // Entries a busy kernel left in the submission queue go now, or
+            // they would run after the frontend was told the ring stopped.
+            handler.submit_started();
             let drained = {
                 let mut state = vring.get_mut();
                 let queue = state.get_queue_mut();
