@@ -4,10 +4,11 @@
  * time, DEPTH writes in flight each (Linux AIO, O_DIRECT), PASSES times over
  * the region, with an fdatasync (a virtio-blk FLUSH) every 32 writes and
  * after every pass.
- * READERS more processes read random blocks of a region nobody writes
- * (DEPTH in flight each) until the writers are done: a backend on a sparse
- * image answers those at once, so they complete ahead of older writes, as
- * mixed loads do on real disks (out-of-order completion). Every
+ * READERS more processes read regions nobody writes until the writers are
+ * done: even ones 4 KiB blocks of holes in the sparse image (DEPTH in
+ * flight), which a backend answers at once, ahead of older writes, as mixed
+ * loads do on real disks (out-of-order completion); odd ones 1 MiB blocks of
+ * zeros the host wrote (4 in flight), which keep the disk busy. Every
  * block of pass p carries a header (magic, job, block, pass) and a pattern
  * derived from them. An error, a short write or a failed flush is reported
  * at once; a lost request shows as a hang (the host's timeout). At the end
@@ -136,14 +137,15 @@ static int run_job(const char *dev, uint32_t job, uint32_t blocks, uint32_t pass
     return 0;
 }
 
-/* Reads random blocks of [from, from + span) until killed, DEPTH at a time;
- * they must read back as zeros. */
-static int run_reader(const char *dev, uint32_t id, uint64_t from, uint64_t span, int depth)
+/* Reads random SIZE-byte blocks of [from, from + span) until killed, DEPTH
+ * at a time; they must read back as zeros. */
+static int run_reader(const char *dev, uint32_t id, uint64_t from, uint64_t span, int depth,
+                      size_t size)
 {
     int fd = open(dev, O_RDONLY | O_DIRECT);
     uint8_t *bufs;
     aio_context_t ctx = 0;
-    if (fd < 0 || posix_memalign((void **)&bufs, BLOCK, (size_t)depth * BLOCK) ||
+    if (fd < 0 || posix_memalign((void **)&bufs, BLOCK, (size_t)depth * size) ||
         syscall(SYS_io_setup, depth, &ctx) < 0) {
         printf("RF: FAIL reader %u set-up: %m\n", id);
         return 1;
@@ -157,9 +159,9 @@ static int run_reader(const char *dev, uint32_t id, uint64_t from, uint64_t span
             memset(cb, 0, sizeof(*cb));
             cb->aio_fildes = fd;
             cb->aio_lio_opcode = IOCB_CMD_PREAD;
-            cb->aio_buf = (uint64_t)(uintptr_t)(bufs + (size_t)s * BLOCK);
-            cb->aio_nbytes = BLOCK;
-            cb->aio_offset = from + ((seed >> 33) % (span / BLOCK)) * BLOCK;
+            cb->aio_buf = (uint64_t)(uintptr_t)(bufs + (size_t)s * size);
+            cb->aio_nbytes = size;
+            cb->aio_offset = from + ((seed >> 33) % (span / size)) * size;
             cb->aio_data = (uint64_t)s;
             struct iocb *list[1] = {cb};
             if (syscall(SYS_io_submit, ctx, 1, list) != 1) {
@@ -175,8 +177,8 @@ static int run_reader(const char *dev, uint32_t id, uint64_t from, uint64_t span
                 return 1;
             }
             for (long i = 0; i < n; i++) {
-                uint8_t *buf = bufs + (size_t)ev[i].data * BLOCK;
-                if (ev[i].res != BLOCK || buf[0] != 0 || memcmp(buf, buf + 1, BLOCK - 1)) {
+                uint8_t *buf = bufs + (size_t)ev[i].data * size;
+                if (ev[i].res != (long long)size || buf[0] != 0 || memcmp(buf, buf + 1, size - 1)) {
                     printf("RF: FAIL reader %u read result %lld\n", id, (long long)ev[i].res);
                     return 1;
                 }
@@ -198,12 +200,14 @@ int main(int argc, char **argv)
     uint32_t readers = atoi(argv[6]);
     setvbuf(stdout, NULL, _IOLBF, 0);
     pid_t reader_pids[16];
-    uint64_t written_end = BASE + (uint64_t)jobs * blocks * BLOCK;
-    uint64_t from = (written_end + (1 << 20) - 1) & ~(uint64_t)((1 << 20) - 1);
+    /* Even readers: 4 KiB from holes (DATA_END..) the backend answers at once.
+     * Odd readers: 1 MiB from zeros the host wrote at [8, 32) MiB, which take
+     * the disk a while: requests in flight whenever the backend is killed. */
     for (uint32_t r = 0; r < readers && r < 16; r++) {
         reader_pids[r] = fork();
         if (reader_pids[r] == 0)
-            _exit(run_reader(dev, r, from, 32 << 20, depth));
+            _exit(r % 2 ? run_reader(dev, r, 8 << 20, 24 << 20, 4, 1 << 20)
+                        : run_reader(dev, r, 40 << 20, 24 << 20, depth, BLOCK));
     }
     pid_t writer_pids[64];
     for (uint32_t j = 0; j < jobs && j < 64; j++) {
