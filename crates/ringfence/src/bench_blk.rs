@@ -239,6 +239,35 @@ pub struct Link {
 /// Errors of setting a link up.
 pub type SetupError = Box<dyn std::error::Error>;
 
+/// Our virtio-blk driver on `transport`, its rings allocated (for good) in
+/// `window`.
+///
+/// # Safety
+/// `window`'s mapping must outlive the returned driver (keep the Arc next
+/// to it).
+pub unsafe fn driver_in_window(
+    transport: MsgTransport,
+    window: &Arc<BouncePool>,
+    queue_size: u16,
+) -> Result<BlkDriver<MsgTransport>, SetupError> {
+    let waiter = transport.waiter();
+    let region_len = BlkDriver::<MsgTransport>::region_size(queue_size);
+    let (paddr, vaddr) = window.alloc(region_len, 4096)?;
+    let region = DmaRegion {
+        vaddr: std::ptr::NonNull::new(vaddr).ok_or("null window")?,
+        paddr,
+        len: region_len,
+    };
+    // SAFETY: the region was just allocated, zeroed, in the window that the
+    // device reaches at `paddr`; the pool never frees it, and the caller
+    // keeps the mapping for as long as the driver lives.
+    let driver = unsafe { BlkDriver::new(transport, region, queue_size, true) }?;
+    if let Some(f) = waiter.failure() {
+        return Err(format!("device set-up failed: {f}").into());
+    }
+    Ok(driver)
+}
+
 impl Link {
     /// Connects to the backend at `socket` (process `backend_pid`), with
     /// grants for copy through the broker at `broker` (socket, process).
@@ -283,20 +312,8 @@ impl Link {
         let window = Arc::new(BouncePool::new(
             bus.share_area(2 * MAX_QD * MAX_REQUEST + (4 << 20))?,
         ));
-        let region_len = BlkDriver::<MsgTransport>::region_size(QUEUE_SIZE);
-        let (paddr, vaddr) = window.alloc(region_len, 4096)?;
-        let region = DmaRegion {
-            vaddr: std::ptr::NonNull::new(vaddr).ok_or("null window")?,
-            paddr,
-            len: region_len,
-        };
-        // SAFETY: the region was just allocated, zeroed, in the window that
-        // the device reaches at `paddr`; the pool keeps it (never freed) and
-        // the Arc keeps the mapping for as long as the driver lives.
-        let driver = unsafe { BlkDriver::new(transport, region, QUEUE_SIZE, true) }?;
-        if let Some(f) = waiter.failure() {
-            return Err(format!("device set-up failed: {f}").into());
-        }
+        // SAFETY: `window` is kept in the link, next to the driver.
+        let driver = unsafe { driver_in_window(transport, &window, QUEUE_SIZE) }?;
         let capacity = driver.capacity_sectors();
         let (id_buf, _) = window.alloc(512, 512)?;
         let mut link = Self {

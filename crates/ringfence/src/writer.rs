@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use ringfence_bus::DriverBus;
 use ringfence_bus_local::{LocalBusConfig, LocalDriverBus};
 use ringfence_msg_driver::{discover, BouncePool, CompletionWaiter, MsgTransport};
-use ringfence_virtqueue::{BlkDriver, BlkRequest, DmaRegion, VIRTIO_BLK_S_OK};
+use ringfence_virtqueue::{BlkDriver, BlkRequest, VIRTIO_BLK_S_OK};
 
 /// Options of `ringfence writer`.
 #[derive(Debug, clap::Args)]
@@ -115,19 +115,8 @@ impl Session {
         let window = Arc::new(BouncePool::new(bus.share_area(
             (region_len + depth * BLOCK).next_multiple_of(1 << 20) + (1 << 20),
         )?));
-        let (paddr, vaddr) = window.alloc(region_len, 4096)?;
-        let region = DmaRegion {
-            vaddr: std::ptr::NonNull::new(vaddr).ok_or("null window")?,
-            paddr,
-            len: region_len,
-        };
-        // SAFETY: the region was just allocated, zeroed, in the window the
-        // device reaches at `paddr`; the pool never frees it and the Arc in
-        // this session keeps the mapping for as long as the driver lives.
-        let driver = unsafe { BlkDriver::new(transport, region, QUEUE_SIZE, true) }?;
-        if let Some(f) = waiter.failure() {
-            return Err(format!("device set-up failed: {f}").into());
-        }
+        // SAFETY: `window` is kept in the session, next to the driver.
+        let driver = unsafe { crate::bench_blk::driver_in_window(transport, &window, QUEUE_SIZE) }?;
         let slots = (0..depth)
             .map(|_| window.alloc(BLOCK, BLOCK))
             .collect::<Result<Vec<_>, _>>()?;
