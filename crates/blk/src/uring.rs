@@ -52,6 +52,9 @@ pub(crate) struct Pending {
 struct Slot {
     iovecs: Vec<libc::iovec>,
     pending: Option<Pending>,
+    /// Reaped and not yet released: the only state in which `release`
+    /// frees it (no scan of the free list on the completion path).
+    reaped: bool,
 }
 
 // SAFETY: the iovecs point into the guest memory mapping that `pending.mem`
@@ -221,7 +224,9 @@ impl Uring {
             }
         };
         let index = usize::try_from(cqe.user_data()).ok()?;
-        let pending = self.slots.get_mut(index)?.pending.take()?;
+        let slot = self.slots.get_mut(index)?;
+        let pending = slot.pending.take()?;
+        slot.reaped = true;
         Some(Reaped {
             slot: index,
             pending,
@@ -236,7 +241,8 @@ impl Uring {
 
     /// Returns a reaped slot to the free list.
     pub(crate) fn release(&mut self, slot: usize) {
-        if slot < self.slots.len() && !self.free.contains(&slot) {
+        if let Some(s) = self.slots.get_mut(slot).filter(|s| s.reaped) {
+            s.reaped = false;
             self.free.push(slot);
         }
     }
